@@ -1,0 +1,74 @@
+"""Admin listener: liveness, readiness and metrics (the admin API grows here).
+
+Served by uvicorn inside the gateway's own event loop; uvicorn's signal
+capture is disabled because the gateway owns SIGTERM/SIGINT (drain first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from agent_egress.exporters.prometheus import Metrics
+
+ReadinessCheck = Callable[[], "asyncio.Future[dict[str, Any]] | Any"]
+
+
+def build_app(metrics: Metrics, readiness: Callable[[], Any]) -> Starlette:
+    async def healthz(_: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(_: Request) -> Response:
+        checks: dict[str, Any] = await readiness()
+        ready = all(c.get("ok") for c in checks.values())
+        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+    async def metrics_endpoint(_: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(routes=[
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics_endpoint),
+    ])
+
+
+class _EmbeddedServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class AdminServer:
+    def __init__(self, app: Starlette, host: str, port: int) -> None:
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
+                                access_log=False)
+        self.server = _EmbeddedServer(config)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self.server.serve())
+        while not self.server.started:
+            if self._task.done():
+                self._task.result()  # raises the bind error
+                raise RuntimeError("admin server stopped during start")
+            await asyncio.sleep(0.01)
+
+    @property
+    def port(self) -> int:
+        servers = self.server.servers
+        return int(servers[0].sockets[0].getsockname()[1]) if servers else 0
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self._task is not None:
+            await self._task

@@ -1,0 +1,66 @@
+"""Step 2: gateway token -> key record (org, team, user); the token never goes upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+
+from mitmproxy import http
+
+from . import tokens
+from .call import METADATA_KEY, Call
+from .refuse import refuse
+from .store.base import Store
+
+log = logging.getLogger("agent_egress.auth")
+
+_CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key")
+
+
+class Authenticate:
+    def __init__(self, store: Store, hash_key: bytes) -> None:
+        self.store = store
+        self.hash_key = hash_key
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        call: Call | None = flow.metadata.get(METADATA_KEY)
+        if call is None or flow.response is not None:
+            return
+        token = tokens.extract_token(flow.request.headers.get("authorization"))
+        for name in _CREDENTIAL_HEADERS:
+            flow.request.headers.pop(name, None)
+        if not token:
+            self._refuse(flow, call, "no gateway token: send Authorization: Bearer <your"
+                         " agent-egress token> (ask your platform team for one)", "token_missing")
+            return
+        if not tokens.is_well_formed(token):
+            self._refuse(flow, call, "the credential sent is not an agent-egress gateway token"
+                         f" (they start with {tokens.TOKEN_PREFIX}); check the environment"
+                         " variable your agent's env_key names", "token_malformed")
+            return
+        digest = tokens.hash_token(token, self.hash_key)
+        record = await asyncio.to_thread(self.store.key_by_hash, digest)
+        if record is None:
+            self._refuse(flow, call, "this gateway token is not known to the gateway; ask"
+                         " your platform team for a new one", "token_unknown")
+            return
+        state = record.state(datetime.now(UTC))
+        if state == "revoked":
+            assert record.revoked_at is not None
+            self._refuse(flow, call, f"gateway token {record.id} was revoked at"
+                         f" {record.revoked_at:%Y-%m-%d %H:%M} UTC; ask your platform team"
+                         " for a new one", "token_revoked")
+            return
+        if state == "expired":
+            assert record.expires_at is not None
+            self._refuse(flow, call, f"gateway token {record.id} expired at"
+                         f" {record.expires_at:%Y-%m-%d %H:%M} UTC; ask your platform team"
+                         " for a new one", "token_expired")
+            return
+        call.principal = record
+
+    @staticmethod
+    def _refuse(flow: http.HTTPFlow, call: Call, message: str, code: str) -> None:
+        log.info("refused %s: %s", call.request_id, code)
+        refuse(flow, call, 401, message, type="invalid_request_error", code=code)

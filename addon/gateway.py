@@ -1,0 +1,224 @@
+"""Builds the addon chain and runs mitmproxy, the admin server and the ledger
+writer in one asyncio loop (DESIGN §2); SIGTERM/SIGINT drain, then exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from mitmproxy import http, options
+from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.tools.dump import DumpMaster
+
+from agent_egress.exporters.prometheus import Metrics
+
+from . import mitm_internals
+from .admin import AdminServer, build_app
+from .authenticate import Authenticate
+from .call import METADATA_KEY
+from .classify import Classify
+from .guard_input import GuardInput
+from .keyring import Keyring
+from .ledger import LedgerWriter
+from .logs import install_redaction
+from .policy import Settings
+from .route import Route, Upstream
+from .settle import Settle
+from .store.base import Store
+from .store.sql import open_store
+from .stream_tap import StreamTap
+from .vault import FileVault, derive_key, load_master_key
+
+log = logging.getLogger("agent_egress.gateway")
+
+
+def _split(hostport: str) -> tuple[str, int]:
+    host, _, port = hostport.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class Inflight:
+    """Counts model calls in flight, so a drain knows when it is done."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.flows: set[str] = set()
+        self.metrics = metrics
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if METADATA_KEY in flow.metadata:
+            self.flows.add(flow.id)
+            self.idle.clear()
+            self.metrics.inflight.set(len(self.flows))
+
+    def _done(self, flow: http.HTTPFlow) -> None:
+        self.flows.discard(flow.id)
+        self.metrics.inflight.set(len(self.flows))
+        if not self.flows:
+            self.idle.set()
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._done(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._done(flow)
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    store: Store
+    keyring: Keyring
+    writer: LedgerWriter
+    metrics: Metrics
+    master: DumpMaster
+    classify: Classify
+    inflight: Inflight
+    admin: AdminServer
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    _master_task: asyncio.Task[None] | None = None
+
+    @property
+    def proxyserver(self) -> Proxyserver:
+        ps = self.master.addons.get("proxyserver")
+        assert isinstance(ps, Proxyserver)
+        return ps
+
+    def listen_addrs(self) -> list[tuple[str, int]]:
+        return [(a[0], a[1]) for a in self.proxyserver.listen_addrs()]
+
+    async def readiness(self) -> dict[str, Any]:
+        checks: dict[str, Any] = {}
+        try:
+            await asyncio.to_thread(self.store.ping)
+            checks["store"] = {"ok": True}
+        except Exception as e:
+            checks["store"] = {"ok": False, "error": type(e).__name__}
+        provider = self.settings.provider()
+        has_key = self.keyring.get(provider.key) is not None
+        checks["provider_key"] = {"ok": has_key, "provider": provider.name, "key": provider.key}
+        if not has_key:
+            checks["provider_key"]["fix"] = f"agent-egress vault set {provider.key}"
+        checks["listeners"] = {"ok": bool(self.listen_addrs()) and not self.classify.draining,
+                               "draining": self.classify.draining}
+        return checks
+
+    async def stop(self) -> None:
+        """Stop accepting, drain in-flight calls (bounded), flush the ledger, shut down."""
+        if self.stopped.is_set():
+            return
+        self.classify.draining = True
+        await self.proxyserver.servers.update([])
+        drain = self.settings.shutdown.drain_seconds
+        t0 = time.monotonic()
+        try:
+            await asyncio.wait_for(self.inflight.idle.wait(), drain)
+        except TimeoutError:
+            log.warning("drain timed out after %.0fs with %d calls in flight; closing them",
+                        drain, len(self.inflight.flows))
+        log.info("drained in %.2fs", time.monotonic() - t0)
+        self.master.shutdown()
+        if self._master_task is not None:
+            await self._master_task
+        await self.writer.close()
+        await self.keyring.stop()
+        await self.admin.stop()
+        await asyncio.to_thread(self.store.close)
+        self.stopped.set()
+
+
+def _mitm_options(settings: Settings) -> dict[str, Any]:
+    provider = settings.provider()
+    up = Upstream.from_url(provider.base_url)
+    rhost, rport = _split(settings.listen.reverse)
+    modes = [f"reverse:{up.scheme}://{up.netloc}@{rhost}:{rport}"]
+    if settings.listen.proxy:
+        phost, pport = _split(settings.listen.proxy)
+        modes.append(f"regular@{phost}:{pport}")
+    hosts = sorted({Upstream.from_url(p.base_url).host for p in settings.providers})
+    return {
+        "mode": modes,
+        "connection_strategy": "lazy",
+        "http2": False,
+        "confdir": str(settings.home / "mitmproxy"),
+        "allow_hosts": ["^(" + "|".join(h.replace(".", r"\.") for h in hosts) + r")(:\d+)?$"],
+    }
+
+
+async def start(settings: Settings) -> Gateway:
+    """Open the store and vault, build the chain and bring every listener up."""
+    settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mitm_internals.install()
+    store = await asyncio.to_thread(open_store, settings.db_url)
+    master_key = await asyncio.to_thread(load_master_key, settings.home)
+    vault = FileVault(settings.vault_file, master_key.key)
+    keyring = Keyring(vault)
+    await keyring.refresh()
+    install_redaction(keyring)
+    metrics = Metrics()
+    writer = LedgerWriter(store, settings.home / "ledger-spool.jsonl")
+    await writer.replay_spool()
+    writer.start()
+    keyring.start()
+
+    providers = {p.name: p for p in settings.providers}
+    hosts = {Upstream.from_url(p.base_url).host for p in settings.providers}
+    classify = Classify(hosts, settings.limits.max_body_bytes)
+    inflight = Inflight(metrics)
+    chain = [
+        classify,
+        inflight,
+        Authenticate(store, derive_key(master_key.key, "token-hash")),
+        GuardInput(settings.limits.max_body_bytes),
+        Route(settings.provider(), keyring),
+        StreamTap(),
+        Settle(providers, writer, metrics),
+    ]
+    opts = options.Options()
+    master = DumpMaster(opts, with_termlog=False, with_dumper=False)
+    errorcheck = master.addons.get("errorcheck")
+    if errorcheck is not None:
+        master.addons.remove(errorcheck)  # it would sys.exit inside the loop; we check below
+    master.addons.add(*chain)
+    opts.update(**_mitm_options(settings))
+
+    ahost, aport = _split(settings.listen.admin)
+    gw = Gateway(settings, store, keyring, writer, metrics, master, classify, inflight,
+                 AdminServer(build_app(metrics, lambda: gw.readiness()), ahost, aport))
+    gw._master_task = asyncio.get_running_loop().create_task(master.run())
+    expected = len(opts.mode)
+    for _ in range(500):
+        if len(gw.listen_addrs()) >= expected or gw._master_task.done():
+            break
+        await asyncio.sleep(0.01)
+    if len(gw.listen_addrs()) < expected:
+        master.shutdown()
+        await gw._master_task
+        raise RuntimeError(f"could not listen on {', '.join(opts.mode)} (address in use?)")
+    await gw.admin.start()
+    return gw
+
+
+async def serve(settings: Settings) -> int:
+    """`agent-egress run`: start, wait for SIGTERM/SIGINT, drain, exit 0."""
+    gw = await start(settings)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    addrs = gw.listen_addrs()
+    log.info("agent-egress ready: reverse http://%s:%d/v1%s, admin http://%s:%d",
+             addrs[0][0], addrs[0][1],
+             f", proxy {addrs[1][0]}:{addrs[1][1]}" if len(addrs) > 1 else "",
+             *_split(settings.listen.admin))
+    await stop.wait()
+    log.info("stopping: draining in-flight calls (up to %.0fs)",
+             settings.shutdown.drain_seconds)
+    await gw.stop()
+    log.info("stopped; ledger rows written this run: %d", gw.writer.written)
+    return 0

@@ -1,0 +1,223 @@
+"""Gateway configuration: one YAML file validated by pydantic.
+
+Precedence for every setting is flag > environment variable > config file >
+built-in default, so `agent-egress run` works with no file at all (embedded
+defaults: SQLite and an encrypted vault file under the state directory).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .pricing import ModelPrice
+
+DEFAULT_HOME = "~/.agent-egress"
+ENV_HOME = "AGENT_EGRESS_HOME"
+ENV_CONFIG = "AGENT_EGRESS_CONFIG"
+
+
+class ConfigError(Exception):
+    """A config file or setting that cannot be used; the message names the key."""
+
+
+def _check_hostport(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
+HostPort = Annotated[str, Field(description="HOST:PORT")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Listen(_Strict):
+    reverse: HostPort = "127.0.0.1:8787"
+    """Clients use http://<reverse>/v1 as their OpenAI base URL."""
+    proxy: HostPort | None = "127.0.0.1:8080"
+    """Explicit HTTP(S) proxy listener (HTTPS_PROXY); null disables it."""
+    admin: HostPort = "127.0.0.1:9787"
+    """/healthz, /readyz, /metrics."""
+
+    @field_validator("reverse", "proxy", "admin")
+    @classmethod
+    def _hostport(cls, v: str | None) -> str | None:
+        return None if v is None else _check_hostport(v)
+
+
+class PriceOverride(_Strict):
+    input_per_mtok: Decimal
+    output_per_mtok: Decimal
+    cached_input_per_mtok: Decimal | None = None
+    cache_write_per_mtok: Decimal | None = None
+
+    def to_model_price(self) -> ModelPrice:
+        return ModelPrice(
+            input_per_mtok=self.input_per_mtok,
+            output_per_mtok=self.output_per_mtok,
+            cached_input_per_mtok=self.cached_input_per_mtok,
+            cache_write_per_mtok=self.cache_write_per_mtok,
+        )
+
+
+class Provider(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    kind: Literal["openai", "openai_compatible"] = "openai"
+    base_url: str
+    """Provider API root including the version path, e.g. https://api.openai.com/v1."""
+    key: str
+    """Name of the provider API key in the vault (`agent-egress vault set NAME`)."""
+    prices: dict[str, PriceOverride] = Field(default_factory=dict)
+    """USD per million tokens by model name or glob; wins over genai-prices."""
+    price_as: str | None = None
+    """genai-prices provider id to price with (default: 'openai' for kind openai)."""
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"expected an http(s) URL, got {v!r}")
+        if parts.query or parts.fragment:
+            raise ValueError("base_url must not have a query or fragment")
+        return v.rstrip("/")
+
+    @property
+    def pricing_provider_id(self) -> str | None:
+        if self.price_as:
+            return self.price_as
+        return "openai" if self.kind == "openai" else None
+
+
+class Limits(_Strict):
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
+    """Largest request body accepted; larger ones are refused with 413."""
+
+
+class Shutdown(_Strict):
+    drain_seconds: float = Field(default=30.0, ge=0)
+    """How long SIGTERM waits for in-flight streams before closing them."""
+
+
+class Settings(_Strict):
+    home: Path
+    listen: Listen = Field(default_factory=Listen)
+    database_url: str | None = None
+    """SQLAlchemy URL; default sqlite:///<home>/agent-egress.db."""
+    vault_path: Path | None = None
+    """Encrypted vault file; default <home>/vault.json."""
+    providers: list[Provider] = Field(
+        default_factory=lambda: [
+            Provider(name="openai", kind="openai", base_url="https://api.openai.com/v1", key="openai")
+        ]
+    )
+    default_provider: str | None = None
+    """Provider used for every model call (routing rules come later); default: the first."""
+    limits: Limits = Field(default_factory=Limits)
+    shutdown: Shutdown = Field(default_factory=Shutdown)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _providers(self) -> Settings:
+        names = [p.name for p in self.providers]
+        if not names:
+            raise ValueError("providers: at least one provider is required")
+        if len(set(names)) != len(names):
+            raise ValueError(f"providers: duplicate provider names in {names}")
+        if self.default_provider is not None and self.default_provider not in names:
+            raise ValueError(
+                f"default_provider: {self.default_provider!r} is not one of the providers {names}"
+            )
+        return self
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'agent-egress.db'}"
+
+    @property
+    def vault_file(self) -> Path:
+        return self.vault_path or self.home / "vault.json"
+
+    def provider(self, name: str | None = None) -> Provider:
+        wanted = name or self.default_provider or self.providers[0].name
+        return next(p for p in self.providers if p.name == wanted)
+
+
+ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "AGENT_EGRESS_REVERSE_LISTEN": ("listen", "reverse"),
+    "AGENT_EGRESS_PROXY_LISTEN": ("listen", "proxy"),
+    "AGENT_EGRESS_ADMIN_LISTEN": ("listen", "admin"),
+    "AGENT_EGRESS_DATABASE_URL": ("database_url",),
+    "AGENT_EGRESS_LOG_LEVEL": ("log_level",),
+}
+
+
+def resolve_home(environ: Mapping[str, str] = os.environ) -> Path:
+    return Path(environ.get(ENV_HOME) or DEFAULT_HOME).expanduser()
+
+
+def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for part in path[:-1]:
+        node = tree.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{part}: expected a mapping")
+        tree = node
+    tree[path[-1]] = value
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {where}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_settings(
+    config_path: Path | None = None,
+    *,
+    environ: Mapping[str, str] = os.environ,
+    overrides: Mapping[tuple[str, ...], Any] | None = None,
+) -> Settings:
+    """Build Settings from defaults, the YAML file, env vars and flag overrides."""
+    home = resolve_home(environ)
+    path = config_path or (Path(environ[ENV_CONFIG]) if environ.get(ENV_CONFIG) else None)
+    if path is None and (home / "config.yaml").exists():
+        path = home / "config.yaml"
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file not found: {path}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        raw = loaded
+    raw.setdefault("home", str(home))
+    for var, key_path in ENV_OVERRIDES.items():
+        if environ.get(var):
+            _set(raw, key_path, None if environ[var] == "off" else environ[var])
+    for key_path, value in (overrides or {}).items():
+        _set(raw, key_path, value)
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, source)) from None
+    return settings.model_copy(update={"home": settings.home.expanduser()})

@@ -1,0 +1,25 @@
+"""What Codex tells us about the session and turn in its request headers (DESIGN §4)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+
+def session_and_turn(
+    get_header: Callable[[str], str | None],
+    prompt_cache_key: str | None,
+    client_session_id: str | None,
+) -> tuple[str | None, str | None]:
+    """Session id: `session-id` header, else prompt_cache_key; turn id from turn metadata."""
+    session = get_header("session-id") or prompt_cache_key or client_session_id
+    turn: str | None = None
+    meta = get_header("x-codex-turn-metadata")
+    if meta:
+        try:
+            parsed = json.loads(meta)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict) and isinstance(parsed.get("turn_id"), str):
+            turn = parsed["turn_id"]
+    return (session[:128] if session else None), (turn[:128] if turn else None)

@@ -1,0 +1,207 @@
+"""Shared fixtures: a fake provider, a gateway run as a real `agent-egress run`
+process on free loopback ports, the CLI, and the real Codex CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from fakeprovider import FakeProvider  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+AGENT_EGRESS = str(BIN / "agent-egress")
+CODEX = os.environ.get("CODEX_BIN") or str(ROOT / ".tools" / "codex" / "node_modules" / ".bin"
+                                           / "codex")
+PROVIDER_KEY = "sk-proj-CANARYvaultedKEY0123456789abcdefABCDEF"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Gateway:
+    home: Path
+    env: dict[str, str]
+    reverse_port: int
+    proxy_port: int
+    admin_port: int
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(default_factory=Path)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.reverse_port}/v1"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def cli(self, *args: str, input: str | None = None, check: bool = True
+            ) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run([AGENT_EGRESS, *args], env=self.env, input=input,
+                             capture_output=True, text=True, timeout=60)
+        if check and res.returncode != 0:
+            raise AssertionError(f"agent-egress {' '.join(args)} failed: {res.stderr}")
+        return res
+
+    def issue_token(self, user: str = "alice", team: str = "payments", org: str = "acme",
+                    ttl: str = "30d") -> tuple[str, str]:
+        out = self.cli("token", "issue", "--user", user, "--team", team, "--org", org,
+                       "--ttl", ttl, "--format", "json").stdout
+        data = json.loads(out)
+        return data["token"], data["key_id"]
+
+    def start(self, wait_ready: bool = True) -> None:
+        self.log_path = self.home / "gateway.log"
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen([AGENT_EGRESS, "run"], env=self.env, stdout=log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gateway exited {self.proc.returncode}:\n{self.logs()}")
+            try:
+                r = httpx.get(f"{self.admin_url}/readyz" if wait_ready else
+                              f"{self.admin_url}/healthz", timeout=1)
+                if r.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"gateway not ready in 30 s:\n{self.logs()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def ledger(self) -> list[dict[str, Any]]:
+        from agent_egress.addon.store.sql import SQLStore
+
+        store = SQLStore(f"sqlite:///{self.home / 'agent-egress.db'}")
+        try:
+            import dataclasses
+            return [dataclasses.asdict(r) for r in store.ledger_rows()]
+        finally:
+            store.close()
+
+    def wait_ledger(self, n: int, timeout: float = 10) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        rows: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            rows = self.ledger()
+            if len(rows) >= n:
+                return rows
+            time.sleep(0.05)
+        return rows
+
+
+def make_gateway(tmp_path: Path, provider_url: str, **config: Any) -> Gateway:
+    home = tmp_path / "egress-home"
+    home.mkdir()
+    gw = Gateway(home=home, env={}, reverse_port=free_port(), proxy_port=free_port(),
+                 admin_port=free_port())
+    cfg: dict[str, Any] = {
+        "listen": {"reverse": f"127.0.0.1:{gw.reverse_port}",
+                   "proxy": f"127.0.0.1:{gw.proxy_port}",
+                   "admin": f"127.0.0.1:{gw.admin_port}"},
+        "providers": [{"name": "openai", "kind": "openai", "base_url": provider_url,
+                       "key": "openai"}],
+        "shutdown": {"drain_seconds": 10},
+    }
+    for k, v in config.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            cfg[k].update(v)
+        else:
+            cfg[k] = v
+    (home / "config.yaml").write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AGENT_EGRESS_", "OPENAI_", "HTTP_PROXY", "HTTPS_PROXY",
+                                "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"))}
+    env["AGENT_EGRESS_HOME"] = str(home)
+    env["NO_PROXY"] = "*"
+    gw.env = env
+    gw.cli("vault", "set", "openai", input=PROVIDER_KEY + "\n")
+    return gw
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeProvider]:
+    with FakeProvider() as fp:
+        yield fp
+
+
+@pytest.fixture
+def gateway(tmp_path: Path, fake: FakeProvider) -> Iterator[Gateway]:
+    gw = make_gateway(tmp_path, fake.base_url)
+    gw.start()
+    yield gw
+    gw.stop()
+
+
+# Codex --------------------------------------------------------------------
+def codex_available() -> bool:
+    return Path(CODEX).exists() or shutil.which("codex") is not None
+
+
+def run_codex(tmp_path: Path, base_url: str, token: str, prompt: str = "run the tool",
+              timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`codex exec` with a custom provider at the gateway (DESIGN §4, driving Codex)."""
+    if not Path(CODEX).exists():
+        pytest.fail(f"Codex CLI missing at {CODEX}: run scripts/test.sh (it installs it)")
+    codex_home = tmp_path / "codex-home"
+    codex_home.mkdir(exist_ok=True)
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    (codex_home / "config.toml").write_text(
+        'model = "gpt-5.5"\n'
+        'model_provider = "agent-egress"\n'
+        'approval_policy = "never"\n'
+        'sandbox_mode = "workspace-write"\n'
+        "[model_providers.agent-egress]\n"
+        'name = "agent-egress"\n'
+        f'base_url = "{base_url}"\n'
+        'env_key = "AGENT_EGRESS_TOKEN"\n'
+        'wire_api = "responses"\n'
+        "[analytics]\nenabled = false\n"
+        "[features]\nplugins = false\n"
+    )
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("OPENAI_", "CODEX_", "AGENT_EGRESS_"))}
+    env.update({"CODEX_HOME": str(codex_home), "AGENT_EGRESS_TOKEN": token,
+                "NO_PROXY": "*", "RUST_LOG": "error"})
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY",
+                "all_proxy"):
+        env.pop(var, None)
+    return subprocess.run([CODEX, "exec", "--skip-git-repo-check", prompt],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          cwd=work, env=env, timeout=timeout)

@@ -1,0 +1,608 @@
+"""A fake LLM provider on 127.0.0.1 that the test suite and the benchmarks own.
+
+It speaks enough of the OpenAI API for the real Codex CLI (0.169) to complete a
+turn that runs one harmless shell tool, and it records every request it gets.
+
+    with FakeProvider() as fake:          # or: url = fake.start(); ...; fake.stop()
+        base_url = fake.base_url          # http://127.0.0.1:PORT/v1
+        ...
+        fake.requests                     # list[RecordedRequest], in arrival order
+
+Endpoints:
+  POST /v1/responses           stream true -> SSE, false -> JSON Response object.
+                               Scripted tool loop: while the current turn (the input
+                               items after the last user message) holds fewer than
+                               ``tool_calls`` ``function_call_output`` items for calls
+                               this fake issued, answer with a shell ``function_call``;
+                               then answer with an assistant message ``answer_text``.
+  POST /v1/responses/compact   JSON ``{"object": "response.compaction", "output": [...]}``.
+  POST /v1/chat/completions    stream true -> ``data:`` chunks (+ usage chunk when
+                               ``stream_options.include_usage``) then ``data: [DONE]``;
+                               false -> chat.completion JSON with usage.
+  anything else                404 with an OpenAI error body.
+
+Knobs (plain attributes, settable between requests from any thread): ``answer_text``,
+``delta_count``, ``event_delay``, ``fail_next``, ``cut_stream_after``,
+``cut_stream_abort``, ``usage``, ``tool_calls``, ``tool_command``, ``extra_headers``.
+
+Standalone (benchmarks): ``python tests/fakeprovider.py --port N`` prints the base URL
+on stdout once it accepts connections, then serves until SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import logging
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+__all__ = ["FakeError", "FakeProvider", "FakeUsage", "RecordedRequest"]
+
+DEFAULT_ANSWER = "FAKE-ANSWER-42"
+DEFAULT_TOOL_COMMAND = "echo fake-tool-ran"
+CALL_ID_PREFIX = "call_fake_"
+# Shell tools Codex may expose, most preferred first (0.169 exposes exec_command).
+SHELL_TOOL_NAMES = ("exec_command", "shell_command", "shell", "container.exec", "local_shell")
+OUTPUT_ITEM_TYPES = ("function_call_output", "custom_tool_call_output")
+COMPACTION_MARKER = "CONTEXT CHECKPOINT COMPACTION"  # Codex's local compaction prompt
+
+
+@dataclass(frozen=True)
+class FakeUsage:
+    """Token usage reported for every model call (Responses and Chat)."""
+
+    input_tokens: int = 1200
+    cached_tokens: int = 1000
+    output_tokens: int = 50
+    reasoning_tokens: int = 20
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def responses(self) -> dict[str, Any]:
+        return {
+            "input_tokens": self.input_tokens,
+            "input_tokens_details": {"cached_tokens": self.cached_tokens},
+            "output_tokens": self.output_tokens,
+            "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
+            "total_tokens": self.total_tokens,
+        }
+
+    def chat(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.input_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+            "completion_tokens": self.output_tokens,
+            "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
+            "total_tokens": self.total_tokens,
+        }
+
+
+@dataclass(frozen=True)
+class FakeError:
+    """One scripted failure for ``fail_next`` (a bare int status also works)."""
+
+    status: int
+    message: str | None = None
+    type: str | None = None
+    code: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def body(self) -> dict[str, Any]:
+        default_type = {
+            400: "invalid_request_error",
+            401: "invalid_request_error",
+            403: "permission_denied",
+            404: "not_found_error",
+            429: "rate_limit_exceeded",
+        }.get(self.status, "server_error")
+        return {
+            "error": {
+                "message": self.message or f"fake provider error {self.status}",
+                "type": self.type or default_type,
+                "code": self.code or f"fake_{self.status}",
+                "param": None,
+            }
+        }
+
+
+@dataclass
+class RecordedRequest:
+    method: str
+    path: str
+    query: str
+    headers: list[tuple[str, str]]  # names lower-cased, in arrival order
+    body: bytes
+    json: Any | None
+    received_at: float  # time.time() when the request line arrived at the handler
+    received_mono: float  # time.monotonic() at the same instant
+    status: int | None = None  # status this fake answered with
+    kind: str = ""  # "tool_call" | "answer" | "error" | "compact" | "chat" | "not_found"
+
+    def header(self, name: str) -> str | None:
+        """First value of header ``name`` (case-insensitive), or None."""
+        name = name.lower()
+        return next((v for k, v in self.headers if k == name), None)
+
+
+class _CutStream(Exception):
+    """Raised inside a stream to make uvicorn drop the connection mid-body."""
+
+
+class _QuietCut(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, _CutStream)
+
+
+def _sse(event: dict[str, Any]) -> bytes:
+    return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+
+
+def _split(text: str, n: int) -> list[str]:
+    """Split ``text`` into exactly ``n`` (>= 1) consecutive pieces (some may be empty)."""
+    n = max(1, n)
+    q, r = divmod(len(text), n)
+    out, pos = [], 0
+    for i in range(n):
+        size = q + (1 if i < r else 0)
+        out.append(text[pos : pos + size])
+        pos += size
+    return out
+
+
+class FakeProvider:
+    def __init__(
+        self,
+        port: int = 0,
+        *,
+        answer_text: str = DEFAULT_ANSWER,
+        delta_count: int = 8,
+        event_delay: float = 0.0,
+        usage: FakeUsage | None = None,
+        tool_calls: int = 1,
+        tool_command: str = DEFAULT_TOOL_COMMAND,
+    ) -> None:
+        self.port = port
+        # --- knobs ---
+        self.answer_text = answer_text
+        self.delta_count = delta_count
+        self.event_delay = event_delay
+        self.usage = usage or FakeUsage()
+        self.tool_calls = tool_calls  # shell calls per turn before the answer (0: none)
+        self.tool_command = tool_command
+        self.compaction_summary = "FAKE-COMPACTION-SUMMARY"  # answer to compaction calls
+        self.fail_next: list[int | FakeError] = []
+        self.cut_stream_after: int | None = None  # events sent before the stream stops
+        self.cut_stream_abort = False  # True: drop the connection instead of a clean EOF
+        self.extra_headers: dict[str, str] = {}  # added to every response
+        # --- state ---
+        self._lock = threading.Lock()
+        self._requests: list[RecordedRequest] = []
+        self._ids = itertools.count(1)
+        self._turn_calls: dict[str, set[str]] = {}  # "session/turn" -> executed call ids
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self.app = Starlette(
+            routes=[
+                Route("/v1/responses", self._responses, methods=["POST"]),
+                Route("/v1/responses/compact", self._compact, methods=["POST"]),
+                Route("/v1/chat/completions", self._chat, methods=["POST"]),
+                Route(
+                    "/{path:path}",
+                    self._not_found,
+                    methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"],
+                ),
+            ]
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> str:
+        if self._thread is not None:
+            return self.base_url
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        sock.listen(128)
+        self.port = sock.getsockname()[1]
+        logging.getLogger("uvicorn.error").addFilter(_QuietCut())
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+            timeout_graceful_shutdown=1,
+        )
+        server = uvicorn.Server(config)
+        self._server = server
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(server.serve(sockets=[sock]))
+            finally:
+                loop.close()
+                sock.close()
+
+        self._thread = threading.Thread(target=run, name=f"fakeprovider:{self.port}", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("fake provider did not start")
+            time.sleep(0.005)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5):
+            pass
+        return self.base_url
+
+    def stop(self) -> None:
+        server, thread = self._server, self._thread
+        if server is None or thread is None:
+            return
+        server.should_exit = True
+        thread.join(timeout=3)
+        if thread.is_alive():
+            server.force_exit = True
+            thread.join(timeout=3)
+        self._server = self._thread = None
+
+    def __enter__(self) -> FakeProvider:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ recording
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        with self._lock:
+            return list(self._requests)
+
+    def clear(self) -> None:
+        """Forget recorded requests and per-turn tool-call state (knobs are kept)."""
+        with self._lock:
+            self._requests.clear()
+            self._turn_calls.clear()
+
+    def requests_to(self, path: str) -> list[RecordedRequest]:
+        """Recorded requests whose path ends with ``path`` (e.g. "/responses")."""
+        return [r for r in self.requests if r.path.endswith(path)]
+
+    def wait_for_requests(self, n: int, timeout: float = 5.0) -> list[RecordedRequest]:
+        deadline = time.monotonic() + timeout
+        while len(reqs := self.requests) < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"got {len(reqs)} requests, wanted {n}")
+            time.sleep(0.005)
+        return reqs
+
+    async def _record(self, request: Request) -> RecordedRequest:
+        now, mono = time.time(), time.monotonic()
+        body = await request.body()
+        try:
+            parsed = json.loads(body) if body else None
+        except ValueError:
+            parsed = None
+        rec = RecordedRequest(
+            method=request.method,
+            path=request.url.path,
+            query=request.url.query,
+            headers=[(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in
+                     request.headers.raw],
+            body=body,
+            json=parsed,
+            received_at=now,
+            received_mono=mono,
+        )
+        with self._lock:
+            self._requests.append(rec)
+        return rec
+
+    # ------------------------------------------------------------------ helpers
+    def _next_id(self, prefix: str) -> str:
+        return f"{prefix}{next(self._ids):06d}"
+
+    def _headers(self, rec: RecordedRequest) -> dict[str, str]:
+        return {"x-request-id": self._next_id("req_fake_"), **self.extra_headers}
+
+    def _pop_failure(self, rec: RecordedRequest) -> Response | None:
+        with self._lock:
+            if not self.fail_next:
+                return None
+            fail = self.fail_next.pop(0)
+        err = fail if isinstance(fail, FakeError) else FakeError(int(fail))
+        rec.status, rec.kind = err.status, "error"
+        return JSONResponse(err.body(), status_code=err.status,
+                            headers={**self._headers(rec), **err.headers})
+
+    async def _stream(self, events: list[bytes], tail: list[bytes] | None = None
+                      ) -> AsyncIterator[bytes]:
+        """Yield events with ``event_delay`` between them, honouring ``cut_stream_after``."""
+        cut, abort, delay = self.cut_stream_after, self.cut_stream_abort, self.event_delay
+        for i, ev in enumerate([*events, *(tail or [])]):
+            if cut is not None and i >= cut:
+                if abort:
+                    raise _CutStream("cut_stream_after")
+                return
+            if i and delay > 0:
+                await asyncio.sleep(delay)
+            yield ev
+
+    async def _not_found(self, request: Request) -> Response:
+        rec = await self._record(request)
+        rec.status, rec.kind = 404, "not_found"
+        body = FakeError(404, f"Unknown path {request.method} {request.url.path}",
+                         "invalid_request_error", "unknown_url").body()
+        return JSONResponse(body, status_code=404, headers=self._headers(rec))
+
+    # ------------------------------------------------------------------ responses
+    def _shell_call(self, tools: list[Any]) -> dict[str, Any]:
+        """An output item asking the client to run ``tool_command`` with its shell tool."""
+        by_name: dict[str, dict[str, Any]] = {}
+        for t in tools if isinstance(tools, list) else []:
+            if not isinstance(t, dict):
+                continue
+            name = t.get("name") or (t.get("function") or {}).get("name") or t.get("type")
+            if isinstance(name, str):
+                by_name.setdefault(name, t)
+        call_id = self._next_id(CALL_ID_PREFIX)
+        cmd = self.tool_command
+        for name in SHELL_TOOL_NAMES:
+            tool = by_name.get(name)
+            if tool is None:
+                continue
+            if tool.get("type") == "local_shell":
+                return {"type": "local_shell_call", "id": self._next_id("lsh_"),
+                        "call_id": call_id, "status": "completed",
+                        "action": {"type": "exec", "command": ["bash", "-lc", cmd]}}
+            params = (tool.get("parameters") or {}).get("properties") or {}
+            if "cmd" in params:
+                args: dict[str, Any] = {"cmd": cmd}
+            elif (params.get("command") or {}).get("type") == "array":
+                args = {"command": ["bash", "-lc", cmd]}
+            else:
+                args = {"command": cmd}
+            return {"type": "function_call", "id": self._next_id("fc_"), "call_id": call_id,
+                    "name": name, "arguments": json.dumps(args), "status": "completed"}
+        # No known shell tool: still ask for one, the client will report it unknown.
+        return {"type": "function_call", "id": self._next_id("fc_"), "call_id": call_id,
+                "name": "shell", "status": "completed",
+                "arguments": json.dumps({"command": ["bash", "-lc", cmd]})}
+
+    @staticmethod
+    def _turn_metadata(rec: RecordedRequest, body: dict[str, Any]) -> dict[str, Any]:
+        raw = rec.header("x-codex-turn-metadata")
+        if raw is None:
+            raw = (body.get("client_metadata") or {}).get("x-codex-turn-metadata")
+        try:
+            md = json.loads(raw) if isinstance(raw, str) else {}
+        except ValueError:
+            md = {}
+        return md if isinstance(md, dict) else {}
+
+    @staticmethod
+    def _is_compaction(body: dict[str, Any], md: dict[str, Any]) -> bool:
+        """Codex's local compaction: a normal /responses call with request_kind compaction."""
+        if md.get("request_kind") == "compaction":
+            return True
+        items = body.get("input")
+        last = items[-1] if isinstance(items, list) and items else None
+        return isinstance(last, dict) and last.get("role") == "user" and \
+            COMPACTION_MARKER in json.dumps(last.get("content"))
+
+    def _executed_calls(self, body: dict[str, Any], md: dict[str, Any]) -> int:
+        """How many of this fake's tool calls the client has run in the current turn.
+
+        The current turn is the input after the last user message; since Codex's
+        compaction rewrites history (dropping tool outputs), outputs already seen for
+        the same Codex turn id are remembered too.
+        """
+        items = body.get("input")
+        items = items if isinstance(items, list) else []
+        last_user = -1
+        for i, it in enumerate(items):
+            if isinstance(it, dict) and it.get("role") == "user" and \
+                    it.get("type", "message") == "message":
+                last_user = i
+        seen = {
+            str(it["call_id"]) for it in items[last_user + 1:]
+            if isinstance(it, dict) and it.get("type") in OUTPUT_ITEM_TYPES
+            and str(it.get("call_id", "")).startswith(CALL_ID_PREFIX)
+        }
+        turn = md.get("turn_id") or (body.get("client_metadata") or {}).get("turn_id")
+        if turn:
+            key = f"{body.get('prompt_cache_key') or md.get('session_id')}/{turn}"
+            with self._lock:
+                seen = self._turn_calls.setdefault(key, set()) | seen
+                self._turn_calls[key] = seen
+        return len(seen)
+
+    def _response_obj(self, resp_id: str, model: str, status: str,
+                      output: list[dict[str, Any]], usage: dict[str, Any] | None
+                      ) -> dict[str, Any]:
+        return {"id": resp_id, "object": "response", "created_at": int(time.time()),
+                "status": status, "model": model, "output": output, "usage": usage,
+                "error": None, "incomplete_details": None}
+
+    async def _responses(self, request: Request) -> Response:
+        rec = await self._record(request)
+        if (fail := self._pop_failure(rec)) is not None:
+            return fail
+        body = rec.json if isinstance(rec.json, dict) else {}
+        model = str(body.get("model") or "fake-model")
+        usage = self.usage.responses()
+        resp_id = self._next_id("resp_fake_")
+        md = self._turn_metadata(rec, body)
+        headers = self._headers(rec)
+        rec.status = 200
+        text = self.answer_text
+        if self._is_compaction(body, md):
+            rec.kind, text = "compaction", self.compaction_summary
+        elif self._executed_calls(body, md) < self.tool_calls:
+            rec.kind = "tool_call"
+        else:
+            rec.kind = "answer"
+        if rec.kind == "tool_call":
+            item = self._shell_call(body.get("tools") or [])
+        else:
+            item = {"type": "message", "id": self._next_id("msg_fake_"), "role": "assistant",
+                    "status": "completed", "content": [
+                        {"type": "output_text", "text": text, "annotations": []}]}
+        if not body.get("stream"):
+            return JSONResponse(self._response_obj(resp_id, model, "completed", [item], usage),
+                                headers=headers)
+
+        seq = itertools.count()
+
+        def ev(kind: str, **fields: Any) -> bytes:
+            return _sse({"type": kind, "sequence_number": next(seq), **fields})
+
+        started = self._response_obj(resp_id, model, "in_progress", [], None)
+        events = [ev("response.created", response=started),
+                  ev("response.in_progress", response=started)]
+        if item["type"] == "message":
+            added = {**item, "status": "in_progress", "content": []}
+            events.append(ev("response.output_item.added", output_index=0, item=added))
+            for piece in _split(text, self.delta_count):
+                events.append(ev("response.output_text.delta", item_id=item["id"],
+                                 output_index=0, content_index=0, delta=piece))
+        elif item["type"] == "function_call":
+            added = {**item, "status": "in_progress", "arguments": ""}
+            events.append(ev("response.output_item.added", output_index=0, item=added))
+            events.append(ev("response.function_call_arguments.delta", item_id=item["id"],
+                             output_index=0, delta=item["arguments"]))
+            events.append(ev("response.function_call_arguments.done", item_id=item["id"],
+                             output_index=0, arguments=item["arguments"]))
+        else:
+            events.append(ev("response.output_item.added", output_index=0, item=item))
+        events.append(ev("response.output_item.done", output_index=0, item=item))
+        events.append(ev("response.completed",
+                         response=self._response_obj(resp_id, model, "completed", [item], usage)))
+        return StreamingResponse(
+            self._stream(events), media_type="text/event-stream",
+            headers={"cache-control": "no-cache", **headers},
+        )
+
+    async def _compact(self, request: Request) -> Response:
+        rec = await self._record(request)
+        if (fail := self._pop_failure(rec)) is not None:
+            return fail
+        body = rec.json if isinstance(rec.json, dict) else {}
+        # Keep the user messages (as Codex's own compaction does) and add a compaction item.
+        kept = [it for it in body.get("input") or []
+                if isinstance(it, dict) and it.get("type", "message") == "message"
+                and it.get("role") == "user"]
+        output = [*kept, {"type": "compaction", "id": self._next_id("cmp_fake_"),
+                          "encrypted_content": "FAKE-COMPACTED-HISTORY"}]
+        rec.status, rec.kind = 200, "compact"
+        return JSONResponse(
+            {"id": self._next_id("resp_fake_"), "object": "response.compaction",
+             "created_at": int(time.time()), "model": str(body.get("model") or "fake-model"),
+             "output": output, "usage": self.usage.responses()},
+            headers=self._headers(rec),
+        )
+
+    # ------------------------------------------------------------------ chat
+    async def _chat(self, request: Request) -> Response:
+        rec = await self._record(request)
+        if (fail := self._pop_failure(rec)) is not None:
+            return fail
+        body = rec.json if isinstance(rec.json, dict) else {}
+        model = str(body.get("model") or "fake-model")
+        cid, created = self._next_id("chatcmpl-fake"), int(time.time())
+        headers = self._headers(rec)
+        rec.status, rec.kind = 200, "chat"
+        if not body.get("stream"):
+            return JSONResponse({
+                "id": cid, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                             "message": {"role": "assistant", "content": self.answer_text,
+                                         "refusal": None}}],
+                "usage": self.usage.chat(),
+            }, headers=headers)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        extra = {"usage": None} if include_usage else {}
+
+        def chunk(choices: list[dict[str, Any]], **more: Any) -> bytes:
+            obj = {"id": cid, "object": "chat.completion.chunk", "created": created,
+                   "model": model, "choices": choices, **extra, **more}
+            return f"data: {json.dumps(obj)}\n\n".encode()
+
+        events = [chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                          "finish_reason": None}])]
+        for piece in _split(self.answer_text, self.delta_count):
+            events.append(chunk([{"index": 0, "delta": {"content": piece},
+                                  "finish_reason": None}]))
+        events.append(chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}]))
+        if include_usage:
+            events.append(chunk([], usage=self.usage.chat()))
+        events.append(b"data: [DONE]\n\n")
+        return StreamingResponse(
+            self._stream(events), media_type="text/event-stream",
+            headers={"cache-control": "no-cache", **headers},
+        )
+
+
+def iter_sse(raw: bytes | str) -> Iterator[tuple[str | None, str]]:
+    """Parse an SSE byte string into (event, data) pairs (a test helper)."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    for block in text.split("\n\n"):
+        if not block.strip():
+            continue
+        event, data = None, []
+        for line in block.split("\n"):
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].lstrip())
+        yield event, "\n".join(data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Fake OpenAI-compatible provider on 127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--answer", default=DEFAULT_ANSWER)
+    p.add_argument("--delta-count", type=int, default=8)
+    p.add_argument("--event-delay", type=float, default=0.0)
+    p.add_argument("--tool-calls", type=int, default=1)
+    args = p.parse_args(argv)
+    fake = FakeProvider(args.port, answer_text=args.answer, delta_count=args.delta_count,
+                        event_delay=args.event_delay, tool_calls=args.tool_calls)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    print(fake.start(), flush=True)
+    try:
+        while not done.wait(0.5):
+            pass
+    finally:
+        fake.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
