@@ -9,21 +9,31 @@ turn that runs one harmless shell tool, and it records every request it gets.
         fake.requests                     # list[RecordedRequest], in arrival order
 
 Endpoints:
-  POST /v1/responses           stream true -> SSE, false -> JSON Response object.
-                               Scripted tool loop: while the current turn (the input
-                               items after the last user message) holds fewer than
-                               ``tool_calls`` ``function_call_output`` items for calls
-                               this fake issued, answer with a shell ``function_call``;
-                               then answer with an assistant message ``answer_text``.
+  POST /v1/responses           stream true -> SSE (``event:``/``data:``, each JSON with
+                               ``type`` and ``sequence_number``); false -> JSON Response.
+                               Scripted tool loop: until the client has run
+                               ``tool_calls`` (default 1) shell calls this fake issued
+                               in the current turn, answer with a ``function_call`` for
+                               the shell tool found in ``tools`` (Codex 0.169:
+                               ``exec_command`` with ``{"cmd": ...}``); then answer with
+                               an assistant message ``answer_text``. The current turn is
+                               Codex's ``client_metadata.turn_id`` when present (survives
+                               compaction), else the input after the last user message.
+                               Codex compaction calls (``request_kind`` compaction) get
+                               ``compaction_summary`` as text, or one ``compaction`` item
+                               when the input ends with ``compaction_trigger`` (remote v2).
   POST /v1/responses/compact   JSON ``{"object": "response.compaction", "output": [...]}``.
   POST /v1/chat/completions    stream true -> ``data:`` chunks (+ usage chunk when
                                ``stream_options.include_usage``) then ``data: [DONE]``;
                                false -> chat.completion JSON with usage.
+  WebSocket upgrades           recorded (kind "websocket") and refused with 403.
   anything else                404 with an OpenAI error body.
 
 Knobs (plain attributes, settable between requests from any thread): ``answer_text``,
 ``delta_count``, ``event_delay``, ``fail_next``, ``cut_stream_after``,
-``cut_stream_abort``, ``usage``, ``tool_calls``, ``tool_command``, ``extra_headers``.
+``cut_stream_abort``, ``usage``, ``tool_calls``, ``tool_command``,
+``compaction_summary``, ``extra_headers``. ``fail_next``, ``cut_stream_after`` and
+``event_delay`` apply to every model endpoint.
 
 Standalone (benchmarks): ``python tests/fakeprovider.py --port N`` prints the base URL
 on stdout once it accepts connections, then serves until SIGINT/SIGTERM.
@@ -49,7 +59,8 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 __all__ = ["FakeError", "FakeProvider", "FakeUsage", "RecordedRequest"]
 
@@ -60,6 +71,7 @@ CALL_ID_PREFIX = "call_fake_"
 SHELL_TOOL_NAMES = ("exec_command", "shell_command", "shell", "container.exec", "local_shell")
 OUTPUT_ITEM_TYPES = ("function_call_output", "custom_tool_call_output")
 COMPACTION_MARKER = "CONTEXT CHECKPOINT COMPACTION"  # Codex's local compaction prompt
+COMPACTED_HISTORY = "FAKE-COMPACTED-HISTORY"  # encrypted_content of compaction items
 
 
 @dataclass(frozen=True)
@@ -133,7 +145,9 @@ class RecordedRequest:
     received_at: float  # time.time() when the request line arrived at the handler
     received_mono: float  # time.monotonic() at the same instant
     status: int | None = None  # status this fake answered with
-    kind: str = ""  # "tool_call" | "answer" | "error" | "compact" | "chat" | "not_found"
+    # what the fake did: "tool_call" | "answer" | "compaction" (a /responses compaction
+    # call) | "compact" (/responses/compact) | "chat" | "error" | "not_found" | "websocket"
+    kind: str = ""
 
     def header(self, name: str) -> str | None:
         """First value of header ``name`` (case-insensitive), or None."""
@@ -159,7 +173,8 @@ def _split(text: str, n: int) -> list[str]:
     """Split ``text`` into exactly ``n`` (>= 1) consecutive pieces (some may be empty)."""
     n = max(1, n)
     q, r = divmod(len(text), n)
-    out, pos = [], 0
+    out: list[str] = []
+    pos = 0
     for i in range(n):
         size = q + (1 if i < r else 0)
         out.append(text[pos : pos + size])
@@ -196,7 +211,9 @@ class FakeProvider:
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []
         self._ids = itertools.count(1)
-        self._turn_calls: dict[str, set[str]] = {}  # "session/turn" -> executed call ids
+        # "session/turn" -> call ids this fake issued / saw executed in that Codex turn
+        self._turn_issued: dict[str, set[str]] = {}
+        self._turn_done: dict[str, set[str]] = {}
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self.app = Starlette(
@@ -209,6 +226,7 @@ class FakeProvider:
                     self._not_found,
                     methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"],
                 ),
+                WebSocketRoute("/{path:path}", self._websocket),
             ]
         )
 
@@ -225,7 +243,9 @@ class FakeProvider:
         sock.bind(("127.0.0.1", self.port))
         sock.listen(128)
         self.port = sock.getsockname()[1]
-        logging.getLogger("uvicorn.error").addFilter(_QuietCut())
+        uv_log = logging.getLogger("uvicorn.error")
+        if not any(isinstance(f, _QuietCut) for f in uv_log.filters):
+            uv_log.addFilter(_QuietCut())
         config = uvicorn.Config(
             self.app,
             host="127.0.0.1",
@@ -286,7 +306,8 @@ class FakeProvider:
         """Forget recorded requests and per-turn tool-call state (knobs are kept)."""
         with self._lock:
             self._requests.clear()
-            self._turn_calls.clear()
+            self._turn_issued.clear()
+            self._turn_done.clear()
 
     def requests_to(self, path: str) -> list[RecordedRequest]:
         """Recorded requests whose path ends with ``path`` (e.g. "/responses")."""
@@ -311,8 +332,9 @@ class FakeProvider:
             method=request.method,
             path=request.url.path,
             query=request.url.query,
-            headers=[(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in
-                     request.headers.raw],
+            headers=[
+                (k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in request.headers.raw
+            ],
             body=body,
             json=parsed,
             received_at=now,
@@ -326,7 +348,7 @@ class FakeProvider:
     def _next_id(self, prefix: str) -> str:
         return f"{prefix}{next(self._ids):06d}"
 
-    def _headers(self, rec: RecordedRequest) -> dict[str, str]:
+    def _headers(self) -> dict[str, str]:
         return {"x-request-id": self._next_id("req_fake_"), **self.extra_headers}
 
     def _pop_failure(self, rec: RecordedRequest) -> Response | None:
@@ -336,14 +358,14 @@ class FakeProvider:
             fail = self.fail_next.pop(0)
         err = fail if isinstance(fail, FakeError) else FakeError(int(fail))
         rec.status, rec.kind = err.status, "error"
-        return JSONResponse(err.body(), status_code=err.status,
-                            headers={**self._headers(rec), **err.headers})
+        return JSONResponse(
+            err.body(), status_code=err.status, headers={**self._headers(), **err.headers}
+        )
 
-    async def _stream(self, events: list[bytes], tail: list[bytes] | None = None
-                      ) -> AsyncIterator[bytes]:
+    async def _stream(self, events: list[bytes]) -> AsyncIterator[bytes]:
         """Yield events with ``event_delay`` between them, honouring ``cut_stream_after``."""
         cut, abort, delay = self.cut_stream_after, self.cut_stream_abort, self.event_delay
-        for i, ev in enumerate([*events, *(tail or [])]):
+        for i, ev in enumerate(events):
             if cut is not None and i >= cut:
                 if abort:
                     raise _CutStream("cut_stream_after")
@@ -355,9 +377,34 @@ class FakeProvider:
     async def _not_found(self, request: Request) -> Response:
         rec = await self._record(request)
         rec.status, rec.kind = 404, "not_found"
-        body = FakeError(404, f"Unknown path {request.method} {request.url.path}",
-                         "invalid_request_error", "unknown_url").body()
-        return JSONResponse(body, status_code=404, headers=self._headers(rec))
+        body = FakeError(
+            404,
+            f"Unknown path {request.method} {request.url.path}",
+            "invalid_request_error",
+            "unknown_url",
+        ).body()
+        return JSONResponse(body, status_code=404, headers=self._headers())
+
+    async def _websocket(self, websocket: WebSocket) -> None:
+        """WebSocket upgrades (Codex's built-in openai provider) are recorded and refused
+        (HTTP 403), which makes Codex fall back to HTTP POST /responses."""
+        rec = RecordedRequest(
+            method="GET",
+            path=websocket.url.path,
+            query=websocket.url.query,
+            headers=[
+                (k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in websocket.headers.raw
+            ],
+            body=b"",
+            json=None,
+            received_at=time.time(),
+            received_mono=time.monotonic(),
+            status=403,
+            kind="websocket",
+        )
+        with self._lock:
+            self._requests.append(rec)
+        await websocket.close(code=1008)
 
     # ------------------------------------------------------------------ responses
     def _shell_call(self, tools: list[Any]) -> dict[str, Any]:
@@ -376,9 +423,13 @@ class FakeProvider:
             if tool is None:
                 continue
             if tool.get("type") == "local_shell":
-                return {"type": "local_shell_call", "id": self._next_id("lsh_"),
-                        "call_id": call_id, "status": "completed",
-                        "action": {"type": "exec", "command": ["bash", "-lc", cmd]}}
+                return {
+                    "type": "local_shell_call",
+                    "id": self._next_id("lsh_"),
+                    "call_id": call_id,
+                    "status": "completed",
+                    "action": {"type": "exec", "command": ["bash", "-lc", cmd]},
+                }
             params = (tool.get("parameters") or {}).get("properties") or {}
             if "cmd" in params:
                 args: dict[str, Any] = {"cmd": cmd}
@@ -386,12 +437,23 @@ class FakeProvider:
                 args = {"command": ["bash", "-lc", cmd]}
             else:
                 args = {"command": cmd}
-            return {"type": "function_call", "id": self._next_id("fc_"), "call_id": call_id,
-                    "name": name, "arguments": json.dumps(args), "status": "completed"}
+            return {
+                "type": "function_call",
+                "id": self._next_id("fc_"),
+                "call_id": call_id,
+                "name": name,
+                "arguments": json.dumps(args),
+                "status": "completed",
+            }
         # No known shell tool: still ask for one, the client will report it unknown.
-        return {"type": "function_call", "id": self._next_id("fc_"), "call_id": call_id,
-                "name": "shell", "status": "completed",
-                "arguments": json.dumps({"command": ["bash", "-lc", cmd]})}
+        return {
+            "type": "function_call",
+            "id": self._next_id("fc_"),
+            "call_id": call_id,
+            "name": "shell",
+            "status": "completed",
+            "arguments": json.dumps({"command": ["bash", "-lc", cmd]}),
+        }
 
     @staticmethod
     def _turn_metadata(rec: RecordedRequest, body: dict[str, Any]) -> dict[str, Any]:
@@ -405,48 +467,82 @@ class FakeProvider:
         return md if isinstance(md, dict) else {}
 
     @staticmethod
-    def _is_compaction(body: dict[str, Any], md: dict[str, Any]) -> bool:
-        """Codex's local compaction: a normal /responses call with request_kind compaction."""
-        if md.get("request_kind") == "compaction":
-            return True
+    def _last_input(body: dict[str, Any]) -> dict[str, Any]:
         items = body.get("input")
         last = items[-1] if isinstance(items, list) and items else None
-        return isinstance(last, dict) and last.get("role") == "user" and \
-            COMPACTION_MARKER in json.dumps(last.get("content"))
+        return last if isinstance(last, dict) else {}
 
-    def _executed_calls(self, body: dict[str, Any], md: dict[str, Any]) -> int:
+    def _is_compaction(self, body: dict[str, Any], md: dict[str, Any]) -> bool:
+        """A Codex compaction: a /responses call with request_kind compaction (local: the
+        input ends with Codex's checkpoint prompt; remote v2: with compaction_trigger)."""
+        last = self._last_input(body)
+        return (
+            md.get("request_kind") == "compaction"
+            or last.get("type") == "compaction_trigger"
+            or (last.get("role") == "user" and COMPACTION_MARKER in json.dumps(last.get("content")))
+        )
+
+    @staticmethod
+    def _turn_key(body: dict[str, Any], md: dict[str, Any]) -> str | None:
+        turn = md.get("turn_id") or (body.get("client_metadata") or {}).get("turn_id")
+        if not turn:
+            return None
+        return f"{body.get('prompt_cache_key') or md.get('session_id')}/{turn}"
+
+    def _executed_calls(self, body: dict[str, Any], key: str | None) -> int:
         """How many of this fake's tool calls the client has run in the current turn.
 
-        The current turn is the input after the last user message; since Codex's
-        compaction rewrites history (dropping tool outputs), outputs already seen for
-        the same Codex turn id are remembered too.
+        With a Codex turn id (``client_metadata.turn_id``): the calls this fake issued
+        for that turn whose output has been seen in any request of the turn (Codex's
+        compaction rewrites history and drops tool outputs). Without one: the fake's
+        tool outputs in the input after the last user message.
         """
         items = body.get("input")
         items = items if isinstance(items, list) else []
-        last_user = -1
-        for i, it in enumerate(items):
-            if isinstance(it, dict) and it.get("role") == "user" and \
-                    it.get("type", "message") == "message":
-                last_user = i
-        seen = {
-            str(it["call_id"]) for it in items[last_user + 1:]
-            if isinstance(it, dict) and it.get("type") in OUTPUT_ITEM_TYPES
+        outputs = [
+            (i, str(it["call_id"]))
+            for i, it in enumerate(items)
+            if isinstance(it, dict)
+            and it.get("type") in OUTPUT_ITEM_TYPES
             and str(it.get("call_id", "")).startswith(CALL_ID_PREFIX)
-        }
-        turn = md.get("turn_id") or (body.get("client_metadata") or {}).get("turn_id")
-        if turn:
-            key = f"{body.get('prompt_cache_key') or md.get('session_id')}/{turn}"
+        ]
+        if key is not None:
             with self._lock:
-                seen = self._turn_calls.setdefault(key, set()) | seen
-                self._turn_calls[key] = seen
-        return len(seen)
+                issued = self._turn_issued.get(key, set())
+                done = self._turn_done.setdefault(key, set())
+                done.update(cid for _, cid in outputs if cid in issued)
+                return len(done)
+        last_user = max(
+            (
+                i
+                for i, it in enumerate(items)
+                if isinstance(it, dict)
+                and it.get("role") == "user"
+                and it.get("type", "message") == "message"
+            ),
+            default=-1,
+        )
+        return len({cid for i, cid in outputs if i > last_user})
 
-    def _response_obj(self, resp_id: str, model: str, status: str,
-                      output: list[dict[str, Any]], usage: dict[str, Any] | None
-                      ) -> dict[str, Any]:
-        return {"id": resp_id, "object": "response", "created_at": int(time.time()),
-                "status": status, "model": model, "output": output, "usage": usage,
-                "error": None, "incomplete_details": None}
+    def _response_obj(
+        self,
+        resp_id: str,
+        model: str,
+        status: str,
+        output: list[dict[str, Any]],
+        usage: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        return {
+            "id": resp_id,
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": status,
+            "model": model,
+            "output": output,
+            "usage": usage,
+            "error": None,
+            "incomplete_details": None,
+        }
 
     async def _responses(self, request: Request) -> Response:
         rec = await self._record(request)
@@ -457,24 +553,43 @@ class FakeProvider:
         usage = self.usage.responses()
         resp_id = self._next_id("resp_fake_")
         md = self._turn_metadata(rec, body)
-        headers = self._headers(rec)
+        headers = self._headers()
         rec.status = 200
         text = self.answer_text
+        key = self._turn_key(body, md)
+        executed = self._executed_calls(body, key)  # always: compaction calls carry outputs too
         if self._is_compaction(body, md):
             rec.kind, text = "compaction", self.compaction_summary
-        elif self._executed_calls(body, md) < self.tool_calls:
+        elif executed < self.tool_calls:
             rec.kind = "tool_call"
         else:
             rec.kind = "answer"
         if rec.kind == "tool_call":
             item = self._shell_call(body.get("tools") or [])
+            if key is not None:
+                with self._lock:
+                    self._turn_issued.setdefault(key, set()).add(item["call_id"])
+        elif (
+            rec.kind == "compaction" and self._last_input(body).get("type") == "compaction_trigger"
+        ):
+            # Remote compaction v2 (built-in openai provider): exactly one compaction item.
+            item = {
+                "type": "compaction",
+                "id": self._next_id("cmp_fake_"),
+                "encrypted_content": COMPACTED_HISTORY,
+            }
         else:
-            item = {"type": "message", "id": self._next_id("msg_fake_"), "role": "assistant",
-                    "status": "completed", "content": [
-                        {"type": "output_text", "text": text, "annotations": []}]}
+            item = {
+                "type": "message",
+                "id": self._next_id("msg_fake_"),
+                "role": "assistant",
+                "status": "completed",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }
         if not body.get("stream"):
-            return JSONResponse(self._response_obj(resp_id, model, "completed", [item], usage),
-                                headers=headers)
+            return JSONResponse(
+                self._response_obj(resp_id, model, "completed", [item], usage), headers=headers
+            )
 
         seq = itertools.count()
 
@@ -482,28 +597,54 @@ class FakeProvider:
             return _sse({"type": kind, "sequence_number": next(seq), **fields})
 
         started = self._response_obj(resp_id, model, "in_progress", [], None)
-        events = [ev("response.created", response=started),
-                  ev("response.in_progress", response=started)]
+        events = [
+            ev("response.created", response=started),
+            ev("response.in_progress", response=started),
+        ]
         if item["type"] == "message":
             added = {**item, "status": "in_progress", "content": []}
             events.append(ev("response.output_item.added", output_index=0, item=added))
             for piece in _split(text, self.delta_count):
-                events.append(ev("response.output_text.delta", item_id=item["id"],
-                                 output_index=0, content_index=0, delta=piece))
+                events.append(
+                    ev(
+                        "response.output_text.delta",
+                        item_id=item["id"],
+                        output_index=0,
+                        content_index=0,
+                        delta=piece,
+                    )
+                )
         elif item["type"] == "function_call":
             added = {**item, "status": "in_progress", "arguments": ""}
             events.append(ev("response.output_item.added", output_index=0, item=added))
-            events.append(ev("response.function_call_arguments.delta", item_id=item["id"],
-                             output_index=0, delta=item["arguments"]))
-            events.append(ev("response.function_call_arguments.done", item_id=item["id"],
-                             output_index=0, arguments=item["arguments"]))
+            events.append(
+                ev(
+                    "response.function_call_arguments.delta",
+                    item_id=item["id"],
+                    output_index=0,
+                    delta=item["arguments"],
+                )
+            )
+            events.append(
+                ev(
+                    "response.function_call_arguments.done",
+                    item_id=item["id"],
+                    output_index=0,
+                    arguments=item["arguments"],
+                )
+            )
         else:
             events.append(ev("response.output_item.added", output_index=0, item=item))
         events.append(ev("response.output_item.done", output_index=0, item=item))
-        events.append(ev("response.completed",
-                         response=self._response_obj(resp_id, model, "completed", [item], usage)))
+        events.append(
+            ev(
+                "response.completed",
+                response=self._response_obj(resp_id, model, "completed", [item], usage),
+            )
+        )
         return StreamingResponse(
-            self._stream(events), media_type="text/event-stream",
+            self._stream(events),
+            media_type="text/event-stream",
             headers={"cache-control": "no-cache", **headers},
         )
 
@@ -513,17 +654,32 @@ class FakeProvider:
             return fail
         body = rec.json if isinstance(rec.json, dict) else {}
         # Keep the user messages (as Codex's own compaction does) and add a compaction item.
-        kept = [it for it in body.get("input") or []
-                if isinstance(it, dict) and it.get("type", "message") == "message"
-                and it.get("role") == "user"]
-        output = [*kept, {"type": "compaction", "id": self._next_id("cmp_fake_"),
-                          "encrypted_content": "FAKE-COMPACTED-HISTORY"}]
+        kept = [
+            it
+            for it in body.get("input") or []
+            if isinstance(it, dict)
+            and it.get("type", "message") == "message"
+            and it.get("role") == "user"
+        ]
+        output = [
+            *kept,
+            {
+                "type": "compaction",
+                "id": self._next_id("cmp_fake_"),
+                "encrypted_content": COMPACTED_HISTORY,
+            },
+        ]
         rec.status, rec.kind = 200, "compact"
         return JSONResponse(
-            {"id": self._next_id("resp_fake_"), "object": "response.compaction",
-             "created_at": int(time.time()), "model": str(body.get("model") or "fake-model"),
-             "output": output, "usage": self.usage.responses()},
-            headers=self._headers(rec),
+            {
+                "id": self._next_id("resp_fake_"),
+                "object": "response.compaction",
+                "created_at": int(time.time()),
+                "model": str(body.get("model") or "fake-model"),
+                "output": output,
+                "usage": self.usage.responses(),
+            },
+            headers=self._headers(),
         )
 
     # ------------------------------------------------------------------ chat
@@ -534,35 +690,60 @@ class FakeProvider:
         body = rec.json if isinstance(rec.json, dict) else {}
         model = str(body.get("model") or "fake-model")
         cid, created = self._next_id("chatcmpl-fake"), int(time.time())
-        headers = self._headers(rec)
+        headers = self._headers()
         rec.status, rec.kind = 200, "chat"
         if not body.get("stream"):
-            return JSONResponse({
-                "id": cid, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                             "message": {"role": "assistant", "content": self.answer_text,
-                                         "refusal": None}}],
-                "usage": self.usage.chat(),
-            }, headers=headers)
+            return JSONResponse(
+                {
+                    "id": cid,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "stop",
+                            "logprobs": None,
+                            "message": {
+                                "role": "assistant",
+                                "content": self.answer_text,
+                                "refusal": None,
+                            },
+                        }
+                    ],
+                    "usage": self.usage.chat(),
+                },
+                headers=headers,
+            )
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         extra = {"usage": None} if include_usage else {}
 
         def chunk(choices: list[dict[str, Any]], **more: Any) -> bytes:
-            obj = {"id": cid, "object": "chat.completion.chunk", "created": created,
-                   "model": model, "choices": choices, **extra, **more}
+            obj = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": choices,
+                **extra,
+                **more,
+            }
             return f"data: {json.dumps(obj)}\n\n".encode()
 
-        events = [chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
-                          "finish_reason": None}])]
+        events = [
+            chunk(
+                [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+            )
+        ]
         for piece in _split(self.answer_text, self.delta_count):
-            events.append(chunk([{"index": 0, "delta": {"content": piece},
-                                  "finish_reason": None}]))
+            events.append(chunk([{"index": 0, "delta": {"content": piece}, "finish_reason": None}]))
         events.append(chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}]))
         if include_usage:
             events.append(chunk([], usage=self.usage.chat()))
         events.append(b"data: [DONE]\n\n")
         return StreamingResponse(
-            self._stream(events), media_type="text/event-stream",
+            self._stream(events),
+            media_type="text/event-stream",
             headers={"cache-control": "no-cache", **headers},
         )
 
@@ -590,8 +771,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--event-delay", type=float, default=0.0)
     p.add_argument("--tool-calls", type=int, default=1)
     args = p.parse_args(argv)
-    fake = FakeProvider(args.port, answer_text=args.answer, delta_count=args.delta_count,
-                        event_delay=args.event_delay, tool_calls=args.tool_calls)
+    fake = FakeProvider(
+        args.port,
+        answer_text=args.answer,
+        delta_count=args.delta_count,
+        event_delay=args.event_delay,
+        tool_calls=args.tool_calls,
+    )
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
