@@ -27,7 +27,7 @@ from fakeprovider import FakeProvider  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 AGENT_EGRESS = str(BIN / "agent-egress")
-CODEX = os.environ.get("CODEX_BIN") or str(ROOT / ".tools" / "codex" / "node_modules" / ".bin"
+CODEX = os.environ.get("CODEX_BIN") or str(ROOT / "tools" / "codex" / "node_modules" / ".bin"
                                            / "codex")
 PROVIDER_KEY = "sk-proj-CANARYvaultedKEY0123456789abcdefABCDEF"
 

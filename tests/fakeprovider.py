@@ -195,18 +195,15 @@ class FakeProvider:
         tool_command: str = DEFAULT_TOOL_COMMAND,
     ) -> None:
         self.port = port
-        # --- knobs ---
-        self.answer_text = answer_text
-        self.delta_count = delta_count
-        self.event_delay = event_delay
-        self.usage = usage or FakeUsage()
-        self.tool_calls = tool_calls  # shell calls per turn before the answer (0: none)
-        self.tool_command = tool_command
-        self.compaction_summary = "FAKE-COMPACTION-SUMMARY"  # answer to compaction calls
-        self.fail_next: list[int | FakeError] = []
-        self.cut_stream_after: int | None = None  # events sent before the stream stops
-        self.cut_stream_abort = False  # True: drop the connection instead of a clean EOF
-        self.extra_headers: dict[str, str] = {}  # added to every response
+        self._defaults: dict[str, Any] = {
+            "answer_text": answer_text,
+            "delta_count": delta_count,
+            "event_delay": event_delay,
+            "usage": usage or FakeUsage(),
+            "tool_calls": tool_calls,
+            "tool_command": tool_command,
+        }
+        self._set_knobs()
         # --- state ---
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []
@@ -229,6 +226,26 @@ class FakeProvider:
                 WebSocketRoute("/{path:path}", self._websocket),
             ]
         )
+
+    def _set_knobs(self) -> None:
+        d = self._defaults
+        self.answer_text: str = d["answer_text"]
+        self.delta_count: int = d["delta_count"]  # text delta events per answer
+        self.event_delay: float = d["event_delay"]  # seconds between streamed events
+        self.usage: FakeUsage = d["usage"]
+        self.tool_calls: int = d["tool_calls"]  # shell calls per turn before the answer
+        self.tool_command: str = d["tool_command"]
+        self.compaction_summary = "FAKE-COMPACTION-SUMMARY"  # answer to compaction calls
+        self.fail_next: list[int | FakeError] = []  # statuses for the next N requests
+        self.cut_stream_after: int | None = None  # events sent before the stream stops
+        self.cut_stream_abort = False  # True: drop the connection instead of a clean EOF
+        self.extra_headers: dict[str, str] = {}  # added to every response
+
+    def reset(self) -> None:
+        """Knobs back to the constructor's values, and ``clear()``: one server can be
+        shared by many tests."""
+        self._set_knobs()
+        self.clear()
 
     # ------------------------------------------------------------------ lifecycle
     @property

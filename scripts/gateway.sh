@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs agent-egress into ./.venv and starts it on its embedded defaults:
+# SQLite and an encrypted vault file under $AGENT_EGRESS_HOME (~/.agent-egress).
+# Extra arguments go to `agent-egress run` (e.g. --reverse-listen 0.0.0.0:8787).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e .
+exec .venv/bin/agent-egress run "$@"

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Runs every test on a fresh machine: installs what the tests need (Debian
+# packages when missing, a virtualenv with the dev dependencies, the pinned
+# Codex CLI from npm), then ruff, mypy --strict and pytest. Extra arguments go
+# to pytest (e.g. scripts/test.sh -k codex). Exits non-zero on any failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+      || missing+=("$pkg")
+  done
+  ((${#missing[@]})) || return 0
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "installing Debian packages: ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+}
+
+# Debian packages the tests need (node/npm run the Codex CLI).
+if command -v dpkg-query >/dev/null; then
+  command -v node >/dev/null || apt_install nodejs
+  command -v npm >/dev/null || apt_install npm
+  python3 -c "import venv, ensurepip" 2>/dev/null || apt_install python3-venv
+fi
+
+PYTHON="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[dev]"
+
+# The Codex CLI, pinned (tools/codex/package.json), into a project-local prefix.
+CODEX_VERSION="$(.venv/bin/python -c 'import json;print(json.load(open("tools/codex/package.json"))["dependencies"]["@openai/codex"])')"
+if ! tools/codex/node_modules/.bin/codex --version 2>/dev/null | grep -q "$CODEX_VERSION"; then
+  npm install --prefix tools/codex --no-package-lock --no-audit --no-fund --loglevel=error
+fi
+export CODEX_BIN="$PWD/tools/codex/node_modules/.bin/codex"
+
+# mypy sees the installed import names through symlinks (the folders are mapped
+# into agent_egress.* by setuptools' package-dir, which mypy cannot follow).
+mkdir -p .typecheck/agent_egress
+ln -sfn ../../addon .typecheck/agent_egress/addon
+ln -sfn ../../exporters .typecheck/agent_egress/exporters
+
+echo "== ruff"
+.venv/bin/ruff check addon exporters tests benchmarks
+echo "== mypy --strict (addon, exporters)"
+MYPYPATH=.typecheck .venv/bin/mypy -p agent_egress.addon -p agent_egress.exporters
+echo "== pytest"
+.venv/bin/pytest -q -p no:cacheprovider "$@"
