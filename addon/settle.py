@@ -112,6 +112,7 @@ class Settle:
         served = (summary.model if summary is not None else None) or call.requested_model
         provider = self.providers[call.provider]
         model_for_price = served or ""
+        cost: Decimal | None
         if usage.total_tokens == 0:
             cost, source = Decimal(0), "no_usage"
         else:
