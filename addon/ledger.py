@@ -63,16 +63,16 @@ class LedgerWriter:
                 self.written += len(batch)
             self._idle.set()
 
-    async def flush(self, timeout: float | None = None) -> bool:
+    async def flush(self, wait_seconds: float | None = None) -> bool:
         """Wait until every submitted row is written; False on timeout."""
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            await asyncio.wait_for(self._idle.wait(), wait_seconds)
         except TimeoutError:
             return False
         return True
 
-    async def close(self, timeout: float = 10.0) -> None:
-        flushed = await self.flush(timeout)
+    async def close(self, wait_seconds: float = 10.0) -> None:
+        flushed = await self.flush(wait_seconds)
         self._closing = True
         if self._task is not None:
             self._task.cancel()

@@ -119,7 +119,9 @@ class Settings(_Strict):
     """Encrypted vault file; default <home>/vault.json."""
     providers: list[Provider] = Field(
         default_factory=lambda: [
-            Provider(name="openai", kind="openai", base_url="https://api.openai.com/v1", key="openai")
+            Provider(
+                name="openai", kind="openai", base_url="https://api.openai.com/v1", key="openai"
+            )
         ]
     )
     default_provider: str | None = None

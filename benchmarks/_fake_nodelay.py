@@ -16,11 +16,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import fakeprovider  # noqa: E402
+import fakeprovider
 
 
 class _TCPSocket(socket.socket):
-    def __init__(self, family: int = -1, type: int = -1, proto: int = -1,  # noqa: A002
+    def __init__(self, family: int = -1, type: int = -1, proto: int = -1,
                  fileno: int | None = None) -> None:
         if (fileno is None and family == socket.AF_INET and type == socket.SOCK_STREAM
                 and proto in (-1, 0)):

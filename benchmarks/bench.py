@@ -81,6 +81,23 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14, 15 of stat
 
 
+def sys_cpu_s() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine, summed over cores (/proc/stat)."""
+    with open("/proc/stat", encoding="ascii") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    total = sum(v)
+    return (total - v[3] - v[4]) / CLK_TCK, total / CLK_TCK
+
+
+def other_load_pct(seconds: float) -> float:
+    """CPU used on this machine by everything else, in % of one core, over ``seconds``."""
+    b0, _ = sys_cpu_s()
+    mine0 = time.process_time()
+    time.sleep(seconds)
+    b1, _ = sys_cpu_s()
+    return 100 * ((b1 - b0) - (time.process_time() - mine0)) / seconds
+
+
 def proc_status_kb(pid: int, key: str) -> int | None:
     with open(f"/proc/{pid}/status", encoding="ascii") as f:
         for line in f:
@@ -251,6 +268,7 @@ class Phase:
     proxy_cpu_s: float | None = None
     upstream_cpu_s: float | None = None
     client_cpu_s: float = 0.0
+    machine_busy_s: float = 0.0  # all cores, every process (from /proc/stat)
     hit_time_limit: bool = False
 
     def summary(self) -> dict[str, Any]:
@@ -271,6 +289,12 @@ class Phase:
                               if self.wall_s and self.proxy_cpu_s is not None else None),
             "proxy_cpu_ms_per_req": (1000 * self.proxy_cpu_s / ok
                                      if ok and self.proxy_cpu_s is not None else None),
+            "machine_busy_pct": (100 * self.machine_busy_s / self.wall_s
+                                 if self.wall_s else None),
+            # CPU used by processes outside this benchmark, % of one core
+            "other_cpu_pct": (100 * (self.machine_busy_s - self.client_cpu_s
+                                     - (self.upstream_cpu_s or 0) - (self.proxy_cpu_s or 0))
+                              / self.wall_s if self.wall_s else None),
             "hit_time_limit": self.hit_time_limit,
         }
         return d
@@ -335,6 +359,7 @@ async def run_phase(phase: Phase, port: int, auth: str, *, per_worker: int | Non
     p0 = proc_cpu_s(proxy_pid) if proxy_pid else None
     u0 = proc_cpu_s(upstream_pid)
     c0 = time.process_time()
+    m0, _ = sys_cpu_s()
     t0 = time.perf_counter()
     stop_at[0] = t0 + (duration_s or 0)
     limit_at[0] = t0 + time_limit_s
@@ -342,6 +367,7 @@ async def run_phase(phase: Phase, port: int, auth: str, *, per_worker: int | Non
     await asyncio.gather(*tasks)
     phase.wall_s = time.perf_counter() - t0
     phase.client_cpu_s = time.process_time() - c0
+    phase.machine_busy_s = sys_cpu_s()[0] - m0
     phase.upstream_cpu_s = proc_cpu_s(upstream_pid) - u0
     if proxy_pid:
         assert p0 is not None
@@ -359,7 +385,7 @@ class Procs:
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None,
               stdout: int | None = None) -> subprocess.Popen[bytes]:
-        err = open(self.workdir / f"{name}.stderr", "wb")  # noqa: SIM115
+        err = open(self.workdir / f"{name}.stderr", "wb")
         p = subprocess.Popen(argv, stdout=stdout if stdout is not None else subprocess.DEVNULL,
                              stderr=err, stdin=subprocess.DEVNULL, env=env, cwd=ROOT)
         self.procs.append((name, p))
@@ -394,7 +420,7 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes], what: str
             raise RuntimeError(f"{what} exited with {proc.returncode}:\n"
                                f"{procs.stderr_tail(name)}")
         try:
-            with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 (127.0.0.1 only)
+            with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
                     return
         except (urllib.error.URLError, OSError):
@@ -423,9 +449,9 @@ def start_fake(procs: Procs, as_is: bool) -> tuple[subprocess.Popen[bytes], int]
     # response after the first waits ~40 ms for a delayed ACK).
     script = ROOT / "tests" / "fakeprovider.py" if as_is else Path(__file__).with_name(
         "_fake_nodelay.py")
-    p = procs.start("fakeprovider", [sys.executable, str(script), "--port", "0", "--delta-count", str(DELTA_COUNT),
-                                     "--tool-calls", "0", "--answer", ANSWER],
-                    stdout=subprocess.PIPE)
+    argv = [sys.executable, str(script), "--port", "0", "--delta-count", str(DELTA_COUNT),
+            "--tool-calls", "0", "--answer", ANSWER]
+    p = procs.start("fakeprovider", argv, stdout=subprocess.PIPE)
     assert p.stdout is not None
     line = p.stdout.readline().decode().strip()  # the base URL, once it accepts connections
     if not line.startswith("http://127.0.0.1:"):
@@ -556,7 +582,7 @@ async def bench_target(name: str, port: int, auth: str, proxy_pid: int | None,
 
 
 def fmt(v: float | None, digits: int = 1) -> str:
-    return "–" if v is None else f"{v:.{digits}f}"
+    return "-" if v is None else f"{v:.{digits}f}"
 
 
 def render(results: dict[str, Any]) -> str:
@@ -596,7 +622,7 @@ def render(results: dict[str, Any]) -> str:
 
         def overhead(t: str, key: str) -> str:
             if t == "direct" or d is None or by[t]["stream@1"][key] is None:
-                return "–"
+                return "-"
             return f"+{by[t]['stream@1'][key] - d[key]:.2f}"
 
         add("overhead vs direct, TTFE p50 ms @c=1", lambda t: overhead(t, "ttfe_p50_ms"))
@@ -604,17 +630,19 @@ def render(results: dict[str, Any]) -> str:
     for c in levels:
         k = f"stream@{c}"
         add(f"proxy CPU ms/stream @c={c} (proxy core %)",
-            lambda t, k=k: "–" if t == "direct" else
+            lambda t, k=k: "-" if t == "direct" else
             f"{fmt(by[t][k]['proxy_cpu_ms_per_req'], 2)} ({fmt(by[t][k]['proxy_cpu_pct'], 0)}%)")
     add(f"proxy CPU ms/request, non-streaming @c={pc} (proxy core %)",
-        lambda t: "–" if t == "direct" else
+        lambda t: "-" if t == "direct" else
         f"{fmt(by[t][kp]['proxy_cpu_ms_per_req'], 2)} ({fmt(by[t][kp]['proxy_cpu_pct'], 0)}%)")
     add("proxy peak RSS MiB (VmHWM)",
-        lambda t: "–" if t == "direct" else fmt(results["targets"][t]["peak_rss_kb"] / 1024))
+        lambda t: "-" if t == "direct" else fmt(results["targets"][t]["peak_rss_kb"] / 1024))
     add("client CPU % of one core, max over phases",
         lambda t: fmt(max(p["client_cpu_pct"] for p in by[t].values()), 0))
     add("fake upstream CPU % of one core, max over phases",
         lambda t: fmt(max(p["upstream_cpu_pct"] for p in by[t].values()), 0))
+    add("other processes' CPU % of one core, max over phases",
+        lambda t: fmt(max(p["other_cpu_pct"] for p in by[t].values()), 0))
 
     counts = ", ".join(f"c={c}: {by[targets[0]]['stream@' + str(c)]['requests']} streams"
                        for c in levels)
@@ -630,10 +658,12 @@ def render(results: dict[str, Any]) -> str:
         "|---|" + "---:|" * len(targets),
     ]
     lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows]
+    lines.append("")
     if "ledger_calls" in results:
-        lines.append("")
         lines.append(f"agent-egress ledger: {results['ledger_calls']} rows for "
                      f"{results['egress_calls_sent']} calls sent (warm-ups included).")
+    lines.append(f"Other processes' CPU before the run: {results['other_cpu_pct_before']:.0f}%"
+                 " of one core.")
     limited = [f"{t}/{p['name']}" for t in targets for p in by[t].values() if p["hit_time_limit"]]
     if limited:
         lines.append(f"Time limit hit (fewer requests than planned): {', '.join(limited)}")
@@ -647,11 +677,22 @@ async def amain(args: argparse.Namespace) -> int:
     if bad:
         raise SystemExit(f"bench: unknown target(s) {bad}; choose from {TARGETS}")
     t_start = time.monotonic()
+    other = other_load_pct(2.0)
+    if other > 20 and args.wait_idle > 0:
+        print(f"bench: other processes use {other:.0f}% of a core; waiting up to "
+              f"{args.wait_idle:.0f} s for the machine to be idle", file=sys.stderr, flush=True)
+        give_up = time.monotonic() + args.wait_idle
+        while other > 20 and time.monotonic() < give_up:
+            other = other_load_pct(5.0)
+    if other > 20:
+        print(f"bench: WARNING: other processes use {other:.0f}% of a core; results will be "
+              "distorted", file=sys.stderr, flush=True)
     results: dict[str, Any] = {"machine": machine_info(),
                                "plan": {**asdict(plan), "quick": args.quick,
                                         "fake_nodelay": not args.fake_as_is},
                                "client": "raw asyncio streams, HTTP/1.1 keep-alive, one "
                                          "connection per worker, closed loop",
+                               "other_cpu_pct_before": round(other, 1),
                                "targets": {}}
     with tempfile.TemporaryDirectory(prefix="agent-egress-bench-") as tmp:
         procs = Procs(Path(tmp))
@@ -706,6 +747,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="subset of direct,mitmproxy,agent-egress")
     p.add_argument("--fake-as-is", action="store_true",
                    help="run tests/fakeprovider.py without the TCP_NODELAY launcher")
+    p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
+                   help="before starting, wait up to this long for other processes to go"
+                        " quiet (under 20%% of a core)")
     p.add_argument("--plain-concurrency", type=int, default=16,
                    help="concurrency of the non-streaming phase (16)")
     p.add_argument("--plain-duration", type=float, default=5.0,

@@ -22,7 +22,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fakeprovider import FakeProvider  # noqa: E402
+from fakeprovider import FakeProvider
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -268,7 +268,7 @@ def test_expired_token_is_refused(fake: FakeProvider, gateway: Gateway) -> None:
 
 def test_no_secret_in_logs_bodies_or_ledger(tmp_path: Path, fake: FakeProvider,
                                             gateway: Gateway) -> None:
-    token, key_id = gateway.issue_token()
+    token, _ = gateway.issue_token()
     fake.tool_calls = 0
     bodies = []
     for hdrs in (auth(token), auth(token + "x"), auth(PROVIDER_KEY), {"x-api-key": token}):

@@ -95,7 +95,7 @@ def codex_events(final: dict[str, Any] | None = None) -> list[dict[str, Any]]:
 
 def split_feed(reader: Any, raw: bytes, cuts: list[int]) -> ResponseSummary:
     prev = 0
-    for cut in sorted({c % (len(raw) + 1) for c in cuts}) + [len(raw)]:
+    for cut in [*sorted({c % (len(raw) + 1) for c in cuts}), len(raw)]:
         reader.feed(raw[prev:cut])
         prev = cut
     reader.feed(b"")
@@ -127,6 +127,7 @@ def test_responses_parse_request() -> None:
     [
         (b"{not json", None, "JSON"),
         (b"\xff\xfe", None, "JSON"),
+        (b"[" * 200_000, None, "JSON"),
         (b"[1, 2]", None, "object"),
         (b'{"input": "x"}', "model", "model"),
         (b'{"model": "", "input": "x"}', "model", "model"),
@@ -248,12 +249,15 @@ def test_responses_stream_garbage_never_raises() -> None:
 
 
 def test_responses_read_body_response() -> None:
-    call = {"type": "function_call", "call_id": "call_B", "name": "apply_patch", "arguments": ""}
-    body = json.dumps(response_obj("completed", USAGE_JSON, output=[call])).encode()
-    s = openai_responses.read_body(body)
+    call = {"type": "function_call", "call_id": "call_B", "name": "shell", "arguments": ""}
+    custom = {"type": "custom_tool_call", "call_id": "call_C", "name": "apply_patch",
+              "input": "*** Begin Patch"}
+    message = {"type": "message", "content": []}
+    body = json.dumps(response_obj("completed", USAGE_JSON, output=[call, message, custom]))
+    s = openai_responses.read_body(body.encode())
     assert (s.usage, s.response_id, s.model, s.status, s.events) == (
         USAGE, "resp_abc", "gpt-5.5-2026-04-23", "completed", 0)
-    assert s.tool_calls == [("call_B", "apply_patch")]
+    assert s.tool_calls == [("call_B", "shell"), ("call_C", "apply_patch")]
 
 
 def test_responses_read_body_compact() -> None:
@@ -312,7 +316,8 @@ def test_chat_parse_request_errors(body: bytes, param: str | None) -> None:
 
 
 def test_with_stream_usage() -> None:
-    body = b'{"model":"m","stream":true,"stream_options":{"x":1},"messages":[{"content":"\xc3\xa9"}]}'
+    body = (b'{"model":"m","stream":true,"stream_options":{"x":1},'
+            b'"messages":[{"content":"\xc3\xa9"}]}')
     out = openai_chat.with_stream_usage(body)
     assert out is not None
     obj = json.loads(out)
@@ -442,7 +447,7 @@ def _count_parses(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
         parsed.append(bytes(data))
         return real(data, *args, **kwargs)
 
-    monkeypatch.setattr(openai_responses.json, "loads", counting)
+    monkeypatch.setattr(json, "loads", counting)  # the readers call json.loads
     return parsed
 
 
@@ -450,8 +455,22 @@ def test_responses_reader_parses_only_needed_events(monkeypatch: pytest.MonkeyPa
     parsed = _count_parses(monkeypatch)
     reader = openai_responses.ResponsesStreamReader()
     reader.feed(b"".join(sse(e) for e in codex_events()))
+    monkeypatch.undo()
+    # response.created is only kept: the terminal event carries id and model too
     assert [json.loads(p)["type"] for p in parsed] == [
-        "response.created", "response.output_item.done", "response.completed"]
+        "response.output_item.done", "response.completed"]
+    reader.close()
+    assert reader.summary.response_id == "resp_abc"
+
+
+def test_responses_created_parsed_when_stream_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+    parsed = _count_parses(monkeypatch)
+    reader = openai_responses.ResponsesStreamReader()
+    reader.feed(b"".join(sse(e) for e in codex_events()[:10]))
+    reader.close()
+    assert len(parsed) == 1
+    assert (reader.summary.response_id, reader.summary.model) == (
+        "resp_abc", "gpt-5.5-2026-04-23")
 
 
 def test_chat_reader_parses_only_needed_chunks(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -46,7 +46,7 @@ def _feed_split(raw: bytes, cuts: list[int], scanner: SSEScanner | None = None) 
     sc = scanner or SSEScanner()
     out: list[Event] = []
     prev = 0
-    for cut in sorted({c % (len(raw) + 1) for c in cuts}) + [len(raw)]:
+    for cut in [*sorted({c % (len(raw) + 1) for c in cuts}), len(raw)]:
         out += sc.feed(raw[prev:cut])
         prev = cut
     return out + sc.close()

@@ -9,6 +9,9 @@ import string
 import zlib
 
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
 from agent_egress.addon.tokens import (
     TOKEN_LENGTH,
     TOKEN_PATTERN,
@@ -21,8 +24,6 @@ from agent_egress.addon.tokens import (
     new_key_id,
     redact,
 )
-from hypothesis import assume, given
-from hypothesis import strategies as st
 
 BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
 

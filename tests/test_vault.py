@@ -12,6 +12,7 @@ import stat
 from pathlib import Path
 
 import pytest
+
 from agent_egress.addon.vault import (
     MASTER_KEY_ENV,
     FileVault,

@@ -228,11 +228,15 @@ def _non_null(data: bytes, key: bytes) -> bool:
     """Does JSON ``data`` hold ``key`` with a value other than null?
 
     A quoted key cannot occur inside a JSON string (its quotes would be
-    escaped), so a byte search finds only real keys.
+    escaped), so a byte search finds only real keys. The two usual encodings
+    of null are checked with ``startswith``; other whitespace byte by byte.
     """
     i = data.find(key)
     while i != -1:
         j = i + len(key)
+        if data.startswith(b":null", j) or data.startswith(b": null", j):
+            i = data.find(key, j)
+            continue
         n = len(data)
         while j < n and data[j] in _WS:
             j += 1

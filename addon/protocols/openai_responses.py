@@ -51,7 +51,7 @@ def load_object(body: bytes) -> dict[str, Any]:
     """Decode a request body that must be a JSON object, or raise BadRequest."""
     try:
         obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise BadRequest(
             "We could not parse the JSON body of your request: the body must be valid JSON.",
             code="invalid_json",
@@ -114,14 +114,17 @@ class ResponsesStreamReader:
     """Read a Responses SSE stream chunk by chunk into a ResponseSummary.
 
     ``summary.usage`` stays None unless a terminal event carried usage: a stream
-    cut short must be visible as such, not settled as free.
+    cut short must be visible as such, not settled as free. Read ``summary``
+    after ``close()``: ``response.created`` (which echoes the request's tools,
+    often tens of KB) is parsed only if no terminal event supplied id and model.
     """
 
-    __slots__ = ("_scanner", "summary")
+    __slots__ = ("_created", "_scanner", "summary")
 
     def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
         self.summary = ResponseSummary()
         self._scanner = SSEScanner(only=WANTED_EVENTS, max_event_bytes=max_event_bytes)
+        self._created: bytes | None = None
 
     def feed(self, chunk: bytes) -> None:
         events = self._scanner.feed(chunk)
@@ -136,6 +139,14 @@ class ResponsesStreamReader:
             self._on_event(name, data)
         self.summary.events = self._scanner.events
         self.summary.oversized_events = self._scanner.oversized
+        created, self._created = self._created, None
+        s = self.summary
+        if created is not None and (s.response_id is None or s.model is None):
+            obj = _loads(created)
+            resp = obj.get("response") if obj is not None else None
+            if isinstance(resp, dict):
+                s.response_id = s.response_id or _str(resp.get("id"))
+                s.model = s.model or _str(resp.get("model"))
 
     def _on_event(self, name: bytes | None, data: bytes) -> None:
         if name is None:
@@ -143,6 +154,10 @@ class ResponsesStreamReader:
             # take the type from the parsed JSON.
             if not any(marker in data for marker in _NAMELESS_MARKERS):
                 return
+        elif name == _CREATED:
+            if self._created is None:
+                self._created = data
+            return
         elif name == _ITEM_DONE and not any(m in data for m in _CALL_MARKERS):
             return  # a message or reasoning item: nothing we need
         obj = _loads(data)

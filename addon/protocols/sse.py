@@ -1,11 +1,12 @@
 """Incremental Server-Sent-Events splitter for the stream tap.
 
 It runs on mitmproxy's single event loop for every network chunk of every
-stream, so the per-chunk work is a couple of ``bytes.find`` calls: lines are
-normalised to ``\\n`` only when the chunk holds a ``\\r``, only the unfinished
-tail is kept (in a ``bytearray``, searched from where the last search stopped),
-and events a caller does not want are dropped by their ``event:`` name before
-their data is copied.
+stream, so the per-chunk work is kept to C-level byte searches: one
+``bytes.split`` finds every event boundary in a chunk, lines are normalised to
+``\\n`` only when the chunk holds a ``\\r``, only the unfinished tail is kept
+(in a ``bytearray``, searched only where new bytes arrived), and events a
+caller does not want are dropped by their ``event:`` name before their data is
+copied out.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class SSEScanner:
         out: list[Event] = []
         buf = self._buf
         pos = 0
+        first: bytes | None = None
         if self._skipping:
             if buf and chunk.startswith(b"\n"):
                 pos = 1
@@ -86,6 +88,7 @@ class SSEScanner:
             buf.clear()
             self._skipping = False
         elif buf:
+            # Finish the event the tail started, searching only the new bytes.
             n = len(buf)
             buf += chunk
             end = buf.find(b"\n\n", n - 1)
@@ -93,24 +96,19 @@ class SSEScanner:
                 if len(buf) > self.max_event_bytes:
                     self._drop_tail()
                 return out
-            if end > self.max_event_bytes:
-                self.oversized += 1
-            elif end:
-                with memoryview(buf) as view:
-                    self._dispatch(bytes(view[:end]), out)
-            pos = end + 2 - n
+            with memoryview(buf) as view:
+                first = bytes(view[:end])
             buf.clear()
-        find = chunk.find
-        end = find(b"\n\n", pos)
-        while end != -1:
-            if end - pos > self.max_event_bytes:
-                self.oversized += 1
-            elif end > pos:
-                self._dispatch(chunk[pos:end], out)
-            pos = end + 2
-            end = find(b"\n\n", pos)
-        if pos < len(chunk):
-            buf += chunk[pos:] if pos else chunk
+            pos = end + 2 - n
+        # One C-level split finds every boundary; the last piece is the unfinished tail.
+        parts = (chunk[pos:] if pos else chunk).split(b"\n\n")
+        tail = parts.pop()
+        if first is not None:
+            parts.insert(0, first)
+        if parts:
+            self._dispatch(parts, out)
+        if tail:
+            buf += tail
             if len(buf) > self.max_event_bytes:
                 self._drop_tail()
         return out
@@ -119,9 +117,7 @@ class SSEScanner:
         """End of stream: return a final event that lacked its blank line."""
         out: list[Event] = []
         if not self._skipping and self._buf:
-            block = bytes(self._buf).rstrip(b"\n")
-            if block:
-                self._dispatch(block, out)
+            self._dispatch([bytes(self._buf).rstrip(b"\n")], out)
         self._buf.clear()
         self._cr = False
         self._skipping = False
@@ -132,30 +128,40 @@ class SSEScanner:
         self._skipping = True
         self._buf[:] = b"\n" if self._buf.endswith(b"\n") else b""
 
-    def _dispatch(self, block: bytes, out: list[Event]) -> None:
-        """Parse one event block (no blank line inside) and append it to ``out``."""
-        # Fast paths: the shapes real providers send, one ``event:`` and one
-        # ``data:`` line (Responses, Anthropic) or a lone ``data:`` line (Chat).
-        if block.startswith(b"event:"):
-            nl = block.find(b"\n")
-            if nl != -1:
-                name = block[7:nl] if block[6:7] == b" " else block[6:nl]
-                only = self.only
-                if only is not None and name and name not in only:
-                    self.events += 1
-                    return
-                if block.startswith(b"data:", nl + 1) and block.find(b"\n", nl + 1) == -1:
-                    start = nl + 7 if block[nl + 6 : nl + 7] == b" " else nl + 6
-                    self.events += 1
-                    out.append((name or None, block[start:]))
-                    return
-        elif block.startswith(b"data:") and b"\n" not in block:
-            self.events += 1
-            out.append((None, block[6:] if block[5:6] == b" " else block[5:]))
-            return
-        self._dispatch_slow(block, out)
+    def _dispatch(self, blocks: list[bytes], out: list[Event]) -> None:
+        """Parse event blocks (no blank line inside) and append the wanted ones to ``out``."""
+        only = self.only
+        limit = self.max_event_bytes
+        seen = 0
+        for block in blocks:
+            if not block:
+                continue  # extra blank line
+            if len(block) > limit:
+                self.oversized += 1
+                continue
+            # Fast paths: the shapes real providers send, one ``event:`` and one
+            # ``data:`` line (Responses, Anthropic) or a lone ``data:`` line (Chat).
+            if block.startswith(b"event:"):
+                nl = block.find(b"\n")
+                if nl != -1:
+                    name = block[7:nl] if block[6] == 32 else block[6:nl]
+                    if only is not None and name and name not in only:
+                        seen += 1
+                        continue
+                    if block.startswith(b"data:", nl + 1) and block.find(b"\n", nl + 1) == -1:
+                        seen += 1
+                        start = nl + 7 if block[nl + 6 : nl + 7] == b" " else nl + 6
+                        out.append((name or None, block[start:]))
+                        continue
+            elif block.startswith(b"data:") and b"\n" not in block:
+                seen += 1
+                out.append((None, block[6:] if block[5:6] == b" " else block[5:]))
+                continue
+            seen += self._dispatch_slow(block, out)
+        self.events += seen
 
-    def _dispatch_slow(self, block: bytes, out: list[Event]) -> None:
+    def _dispatch_slow(self, block: bytes, out: list[Event]) -> int:
+        """Any other block shape, per the SSE spec; returns 1 if it was an event."""
         name: bytes | None = None
         data: list[bytes] = []
         for line in block.split(b"\n"):
@@ -174,8 +180,7 @@ class SSEScanner:
                 name = value or None
             # "id", "retry" and unknown fields carry nothing we need.
         if not data:
-            return  # per the SSE spec a block without data dispatches nothing
-        self.events += 1
-        if name is not None and self.only is not None and name not in self.only:
-            return
-        out.append((name, data[0] if len(data) == 1 else b"\n".join(data)))
+            return 0  # per the SSE spec a block without data dispatches nothing
+        if name is None or self.only is None or name in self.only:
+            out.append((name, data[0] if len(data) == 1 else b"\n".join(data)))
+        return 1
