@@ -26,6 +26,8 @@ from .keyring import Keyring
 from .ledger import LedgerWriter
 from .logs import install_redaction
 from .policy import Settings
+from .pricing import price_call
+from .protocols.usage import Usage
 from .route import Route, Upstream
 from .settle import Settle
 from .store.base import Store
@@ -155,6 +157,8 @@ async def start(settings: Settings) -> Gateway:
     settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)
     mitm_internals.install()
     store = await asyncio.to_thread(open_store, settings.db_url)
+    # genai-prices loads its table on first use (~4 ms): do it here, off the loop.
+    await asyncio.to_thread(price_call, Usage(input_tokens=1), "gpt-5", "openai", {})
     master_key = await asyncio.to_thread(load_master_key, settings.home)
     vault = FileVault(settings.vault_file, master_key.key)
     keyring = Keyring(vault)

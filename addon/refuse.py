@@ -33,6 +33,7 @@ def refuse(
     headers = {
         "content-type": "application/json",
         "x-egress-request-id": request_id,
+        "x-request-id": request_id,  # Codex prints this header as "request id"
         "x-egress-refused-by": code,
     }
     if retry_after is not None:

@@ -61,6 +61,7 @@ class Settle:
         self.writer = writer
         self.metrics = metrics
         self._warned: set[tuple[str, str]] = set()
+        self.max_unpriced_labels = 100  # model names come from responses: bound the series
 
     def response(self, flow: http.HTTPFlow) -> None:
         call: Call | None = flow.metadata.get(METADATA_KEY)
@@ -158,7 +159,8 @@ class Settle:
                 log.warning("model %r on provider %r has no price: calls are recorded as"
                             " unpriced; add providers[].prices to the config", model,
                             row.provider)
-            m.unpriced.labels(row.provider, model[:64]).inc()
+            label = model[:64] if len(self._warned) <= self.max_unpriced_labels else "other"
+            m.unpriced.labels(row.provider, label).inc()
         label_model = model[:64] if row.price_source != "unpriced" else "other"
         m.calls.labels(row.org, row.team, row.provider, label_model, row.api, row.outcome).inc()
         if row.cost_usd:

@@ -17,7 +17,8 @@ import httpx
 import pytest
 from fakeprovider import FakeError, FakeProvider, FakeUsage, iter_sse
 
-CODEX = Path(__file__).resolve().parents[1] / ".tools/codex/node_modules/.bin/codex"
+CODEX = Path(os.environ.get("CODEX_BIN") or Path(__file__).resolve().parents[1]
+             / "tools/codex/node_modules/.bin/codex")
 
 EXEC_COMMAND_TOOL = {
     "type": "function",
