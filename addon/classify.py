@@ -33,14 +33,14 @@ def classify_path(method: str, path: str) -> Api | None:
 
 
 class Classify:
-    def __init__(self, provider_hosts: set[str], max_body_bytes: int) -> None:
-        self.provider_hosts = provider_hosts
+    def __init__(self, provider_addrs: set[tuple[str, int]], max_body_bytes: int) -> None:
+        self.provider_addrs = provider_addrs
         self.max_body_bytes = max_body_bytes
         self.draining = False
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         reverse = isinstance(flow.client_conn.proxy_mode, ReverseMode)
-        if not reverse and flow.request.pretty_host not in self.provider_hosts:
+        if not reverse and (flow.request.pretty_host, flow.request.port) not in self.provider_addrs:
             return  # not an LLM host: passthrough, untouched
         api = classify_path(flow.request.method, flow.request.path)
         if api is None:

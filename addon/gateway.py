@@ -171,8 +171,8 @@ async def start(settings: Settings) -> Gateway:
     keyring.start()
 
     providers = {p.name: p for p in settings.providers}
-    hosts = {Upstream.from_url(p.base_url).host for p in settings.providers}
-    classify = Classify(hosts, settings.limits.max_body_bytes)
+    upstreams = [Upstream.from_url(p.base_url) for p in settings.providers]
+    classify = Classify({(u.host, u.port) for u in upstreams}, settings.limits.max_body_bytes)
     inflight = Inflight(metrics)
     chain = [
         classify,

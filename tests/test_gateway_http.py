@@ -318,3 +318,22 @@ def test_spend_report_formats(fake: FakeProvider, gateway: Gateway) -> None:
     assert "gpt-5.5" in text and "total cost_usd" in text
     future = gateway.cli("spend", "--since", "2999-01-01", "--format", "json").stdout
     assert json.loads(future) == []
+
+
+def test_explicit_proxy_listener_meters_provider_and_passes_other_hosts(
+        fake: FakeProvider, gateway: Gateway) -> None:
+    token, _ = gateway.issue_token()
+    fake.tool_calls = 0
+    proxy = f"http://127.0.0.1:{gateway.proxy_port}"
+    with httpx.Client(proxy=proxy, timeout=10) as client:
+        # The provider's own URL, through the proxy: authenticated, swapped, metered.
+        r = client.post(f"{fake.base_url}/responses", json=responses_body(),
+                        headers=auth(token))
+        assert r.status_code == 200, r.text
+        assert fake.requests[-1].header("authorization") == f"Bearer {PROVIDER_KEY}"
+        r = client.post(f"{fake.base_url}/responses", json=responses_body())
+        assert r.status_code == 401
+        # Another host:port is not an LLM API: passed through untouched, no token needed.
+        r = client.get(f"{gateway.admin_url}/healthz")
+        assert r.status_code == 200 and r.json() == {"status": "ok"}
+    assert len(gateway.wait_ledger(1)) == 1

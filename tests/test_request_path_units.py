@@ -71,15 +71,17 @@ def test_codex_snippet_is_valid_toml() -> None:
 
 
 def test_classify_refuses_unknown_path_and_oversized_body() -> None:
-    c = Classify({"api.openai.com"}, max_body_bytes=10)
+    c = Classify({("api.openai.com", 443)}, max_body_bytes=10)
     f = tflow.tflow()
-    f.request.host, f.request.method, f.request.path = "api.openai.com", "GET", "/v1/files"
+    f.request.host, f.request.port = "api.openai.com", 443
+    f.request.method, f.request.path = "GET", "/v1/files"
     c.requestheaders(f)
     assert f.response is not None and f.response.status_code == 404
     assert json.loads(f.response.content or b"")["error"]["code"] == "unknown_path"
 
     f = tflow.tflow()
-    f.request.host, f.request.method, f.request.path = "api.openai.com", "POST", "/v1/responses"
+    f.request.host, f.request.port = "api.openai.com", 443
+    f.request.method, f.request.path = "POST", "/v1/responses"
     f.request.headers["content-length"] = "11"
     c.requestheaders(f)
     assert f.response is not None and f.response.status_code == 413
@@ -87,9 +89,13 @@ def test_classify_refuses_unknown_path_and_oversized_body() -> None:
 
 
 def test_classify_leaves_other_hosts_alone_on_the_proxy_listener() -> None:
-    c = Classify({"api.openai.com"}, max_body_bytes=10)
+    c = Classify({("api.openai.com", 443)}, max_body_bytes=10)
     f = tflow.tflow()
-    f.request.host, f.request.path = "github.com", "/v1/responses"
+    f.request.host, f.request.port, f.request.path = "github.com", 443, "/v1/responses"
+    c.requestheaders(f)
+    assert f.response is None and METADATA_KEY not in f.metadata
+    f = tflow.tflow()  # same host, another port: not the provider either
+    f.request.host, f.request.port, f.request.path = "api.openai.com", 8443, "/v1/responses"
     c.requestheaders(f)
     assert f.response is None and METADATA_KEY not in f.metadata
 
