@@ -46,17 +46,12 @@ class Authenticate:
                          " your platform team for a new one", "token_unknown")
             return
         state = record.state(datetime.now(UTC))
-        if state == "revoked":
-            assert record.revoked_at is not None
-            self._refuse(flow, call, f"gateway token {record.id} was revoked at"
-                         f" {record.revoked_at:%Y-%m-%d %H:%M} UTC; ask your platform team"
-                         " for a new one", "token_revoked")
-            return
-        if state == "expired":
-            assert record.expires_at is not None
-            self._refuse(flow, call, f"gateway token {record.id} expired at"
-                         f" {record.expires_at:%Y-%m-%d %H:%M} UTC; ask your platform team"
-                         " for a new one", "token_expired")
+        if state != "active":
+            when = record.revoked_at if state == "revoked" else record.expires_at
+            verb = "was revoked" if state == "revoked" else "expired"
+            self._refuse(flow, call, f"gateway token {record.id} {verb} at"
+                         f" {when:%Y-%m-%d %H:%M} UTC; ask your platform team for a new one",
+                         f"token_{state}")
             return
         call.principal = record
 
