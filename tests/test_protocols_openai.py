@@ -479,3 +479,22 @@ def test_chat_reader_parses_only_needed_chunks(monkeypatch: pytest.MonkeyPatch) 
     reader.feed(chat_raw(chat_events(), spaced=True))
     # first chunk, two tool-call starts, the finish reason, the usage chunk
     assert len(parsed) == 5
+
+
+def test_tool_output_ids_from_requests() -> None:
+    from agent_egress.addon.protocols import openai_chat, openai_responses
+
+    body = json.dumps({"model": "m", "input": [
+        {"type": "message", "role": "user", "content": "x"},
+        {"type": "function_call", "call_id": "c1", "name": "exec_command", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "ok"},
+        {"type": "custom_tool_call_output", "call_id": "c2", "output": "ok"},
+        {"type": "function_call_output", "call_id": 3},
+    ]}).encode()
+    assert openai_responses.parse_request(body).tool_output_ids == ("c1", "c2")
+    chat = json.dumps({"model": "m", "messages": [
+        {"role": "user", "content": "x"},
+        {"role": "tool", "tool_call_id": "t1", "content": "ok"},
+    ]}).encode()
+    assert openai_chat.parse_request(chat).tool_output_ids == ("t1",)
+    assert openai_responses.parse_request(b'{"model": "m", "input": "hi"}').tool_output_ids == ()

@@ -63,6 +63,11 @@ def request_info(obj: Mapping[str, Any]) -> RequestInfo:
         prompt_cache_key=key if isinstance(key, str) and key else None,
         input_items=len(messages),
         client_session_id=None,
+        tool_output_ids=tuple(
+            m["tool_call_id"] for m in messages
+            if isinstance(m, dict) and m.get("role") == "tool"
+            and isinstance(m.get("tool_call_id"), str)
+        ),
     )
 
 

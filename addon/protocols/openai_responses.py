@@ -45,6 +45,10 @@ class RequestInfo:
     prompt_cache_key: str | None
     input_items: int
     client_session_id: str | None
+    tool_output_ids: tuple[str, ...] = ()
+    """call_ids of tool outputs the client returns in this request (whole history)."""
+
+_OUTPUT_TYPES = ("function_call_output", "custom_tool_call_output")
 
 
 def load_object(body: bytes) -> dict[str, Any]:
@@ -83,12 +87,18 @@ def request_info(obj: Mapping[str, Any]) -> RequestInfo:
     """Like parse_request, for a caller that already decoded the (possibly large) body."""
     model = require_model(obj)
     items = obj.get("input")
+    outputs: tuple[str, ...] = ()
     if items is None:
         n_items = 0
     elif isinstance(items, str):
         n_items = 1
     elif isinstance(items, list):
         n_items = len(items)
+        outputs = tuple(
+            item["call_id"] for item in items
+            if isinstance(item, dict) and item.get("type") in _OUTPUT_TYPES
+            and isinstance(item.get("call_id"), str)
+        )
     else:
         raise BadRequest("Invalid 'input': expected a string or an array.", "input", "invalid_type")
     metadata = obj.get("client_metadata")
@@ -99,6 +109,7 @@ def request_info(obj: Mapping[str, Any]) -> RequestInfo:
         prompt_cache_key=_str(obj.get("prompt_cache_key")),
         input_items=n_items,
         client_session_id=_str(session),
+        tool_output_ids=outputs,
     )
 
 
