@@ -124,6 +124,7 @@ class Gateway:
             log.warning("drain timed out after %.0fs with %d calls in flight; closing them",
                         drain, len(self.inflight.flows))
         log.info("drained in %.2fs", time.monotonic() - t0)
+        await self._close_client_connections()
         self.master.shutdown()
         if self._master_task is not None:
             await self._master_task
@@ -132,6 +133,25 @@ class Gateway:
         await self.admin.stop()
         await asyncio.to_thread(self.store.close)
         self.stopped.set()
+
+
+    async def _close_client_connections(self, wait_seconds: float = 2.0) -> None:
+        """Close idle keep-alive connections so their handlers end on their own.
+
+        Left open, they are cancelled when the loop closes, and CPython 3.11's
+        stream callback then logs a CancelledError traceback for each one.
+        """
+        handlers = self.proxyserver.connections
+        for handler in list(handlers.values()):
+            try:
+                if handler.client in handler.transports:  # else it is already closing
+                    handler.close_connection(handler.client)
+            except Exception as e:  # never let this skip the ledger flush
+                log.debug("closing a client connection failed: %r", e)
+        deadline = time.monotonic() + wait_seconds
+        # mitmproxy signals no event when its connection table empties: poll briefly.
+        while handlers and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
 
 
 def _mitm_options(settings: Settings) -> dict[str, Any]:

@@ -374,6 +374,7 @@ async def run_phase(phase: Phase, port: int, auth: str, *, per_worker: int | Non
         phase.proxy_cpu_s = proc_cpu_s(proxy_pid) - p0
     for cn in conns:
         cn.close()
+    await asyncio.sleep(0.2)  # let the target finish tearing the connections down
     return phase
 
 
@@ -443,12 +444,8 @@ def wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes], what: st
     raise RuntimeError(f"{what} not listening on {port} after {timeout:.0f}s")
 
 
-def start_fake(procs: Procs, as_is: bool) -> tuple[subprocess.Popen[bytes], int]:
-    # By default through benchmarks/_fake_nodelay.py: the same fake and flags, with
-    # TCP_NODELAY on its connections (see that file: without it every keep-alive
-    # response after the first waits ~40 ms for a delayed ACK).
-    script = ROOT / "tests" / "fakeprovider.py" if as_is else Path(__file__).with_name(
-        "_fake_nodelay.py")
+def start_fake(procs: Procs) -> tuple[subprocess.Popen[bytes], int]:
+    script = ROOT / "tests" / "fakeprovider.py"
     argv = [sys.executable, str(script), "--port", "0", "--delta-count", str(DELTA_COUNT),
             "--tool-calls", "0", "--answer", ANSWER]
     p = procs.start("fakeprovider", argv, stdout=subprocess.PIPE)
@@ -535,8 +532,8 @@ def plan_for(args: argparse.Namespace) -> Plan:
     levels = [int(x) for x in args.levels.split(",") if x.strip()]
     if args.quick:
         return Plan(levels, 30, 64, 2, args.plain_concurrency, 2.0, 20.0, 8, 20)
-    return Plan(levels, 200, 320, 20, args.plain_concurrency, args.plain_duration, 60.0, 40,
-                200)
+    return Plan(levels, 1000, 1600, 25, args.plain_concurrency, args.plain_duration, 60.0, 100,
+                400)
 
 
 async def bench_target(name: str, port: int, auth: str, proxy_pid: int | None,
@@ -642,7 +639,7 @@ def render(results: dict[str, Any]) -> str:
     add("fake upstream CPU % of one core, max over phases",
         lambda t: fmt(max(p["upstream_cpu_pct"] for p in by[t].values()), 0))
     add("other processes' CPU % of one core, max over phases",
-        lambda t: fmt(max(p["other_cpu_pct"] for p in by[t].values()), 0))
+        lambda t: fmt(max(0, *(p["other_cpu_pct"] for p in by[t].values())), 0))
 
     counts = ", ".join(f"c={c}: {by[targets[0]]['stream@' + str(c)]['requests']} streams"
                        for c in levels)
@@ -664,6 +661,11 @@ def render(results: dict[str, Any]) -> str:
                      f"{results['egress_calls_sent']} calls sent (warm-ups included).")
     lines.append(f"Other processes' CPU before the run: {results['other_cpu_pct_before']:.0f}%"
                  " of one core.")
+    busy = [f"{t}/{p['name']} ({p['other_cpu_pct']:.0f}%)" for t in targets
+            for p in by[t].values() if p["other_cpu_pct"] > 20]
+    if busy:
+        lines.append("WARNING: other processes used over 20% of a core during "
+                     f"{', '.join(busy)}: those numbers are distorted; rerun on a quiet machine.")
     limited = [f"{t}/{p['name']}" for t in targets for p in by[t].values() if p["hit_time_limit"]]
     if limited:
         lines.append(f"Time limit hit (fewer requests than planned): {', '.join(limited)}")
@@ -676,7 +678,7 @@ async def amain(args: argparse.Namespace) -> int:
     bad = [t for t in targets if t not in TARGETS]
     if bad:
         raise SystemExit(f"bench: unknown target(s) {bad}; choose from {TARGETS}")
-    t_start = time.monotonic()
+    t_wait = time.monotonic()
     other = other_load_pct(2.0)
     if other > 20 and args.wait_idle > 0:
         print(f"bench: other processes use {other:.0f}% of a core; waiting up to "
@@ -687,17 +689,19 @@ async def amain(args: argparse.Namespace) -> int:
     if other > 20:
         print(f"bench: WARNING: other processes use {other:.0f}% of a core; results will be "
               "distorted", file=sys.stderr, flush=True)
+    waited = time.monotonic() - t_wait
+    t_start = time.monotonic()
     results: dict[str, Any] = {"machine": machine_info(),
-                               "plan": {**asdict(plan), "quick": args.quick,
-                                        "fake_nodelay": not args.fake_as_is},
+                               "plan": {**asdict(plan), "quick": args.quick},
                                "client": "raw asyncio streams, HTTP/1.1 keep-alive, one "
                                          "connection per worker, closed loop",
                                "other_cpu_pct_before": round(other, 1),
+                               "waited_for_idle_s": round(waited, 1),
                                "targets": {}}
     with tempfile.TemporaryDirectory(prefix="agent-egress-bench-") as tmp:
         procs = Procs(Path(tmp))
         try:
-            fake, fake_port = start_fake(procs, args.fake_as_is)
+            fake, fake_port = start_fake(procs)
             print(f"fake upstream pid {fake.pid} on :{fake_port}", file=sys.stderr)
             for t in targets:
                 sent = [0]
@@ -731,7 +735,8 @@ async def amain(args: argparse.Namespace) -> int:
     results["elapsed_s"] = round(time.monotonic() - t_start, 1)
     table = render(results)
     print(table)
-    print(f"\n(run took {results['elapsed_s']:.0f} s)")
+    print(f"\n(run took {results['elapsed_s']:.0f} s, plus {waited:.0f} s checking that the"
+          " machine is idle)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         print(f"raw results: {args.json}", file=sys.stderr)
@@ -745,8 +750,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="PATH", help="write raw results (JSON) here")
     p.add_argument("--targets", default=",".join(TARGETS),
                    help="subset of direct,mitmproxy,agent-egress")
-    p.add_argument("--fake-as-is", action="store_true",
-                   help="run tests/fakeprovider.py without the TCP_NODELAY launcher")
     p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                    help="before starting, wait up to this long for other processes to go"
                         " quiet (under 20%% of a core)")

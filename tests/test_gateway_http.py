@@ -232,7 +232,7 @@ def test_sigterm_drains_in_flight_stream_then_exits_zero(fake: FakeProvider,
     assert gateway.proc.wait(30) == 0
     rows = gateway.ledger()
     assert len(rows) == 1 and rows[0]["outcome"] == "ok"
-    assert "drained" in gateway.logs()
+    assert "drained" in gateway.logs() and "Traceback" not in gateway.logs()
 
 
 def test_readyz_reports_missing_provider_key(tmp_path: Path, fake: FakeProvider) -> None:
@@ -337,3 +337,22 @@ def test_explicit_proxy_listener_meters_provider_and_passes_other_hosts(
         r = client.get(f"{gateway.admin_url}/healthz")
         assert r.status_code == 200 and r.json() == {"status": "ok"}
     assert len(gateway.wait_ledger(1)) == 1
+
+
+def test_shutdown_with_idle_keepalive_connections_logs_no_error(fake: FakeProvider,
+                                                                gateway: Gateway) -> None:
+    token, _ = gateway.issue_token()
+    fake.tool_calls = 0
+    clients = [httpx.Client(timeout=10) for _ in range(3)]
+    try:
+        for c in clients:  # each keeps its connection open and idle afterwards
+            r = c.post(f"{gateway.base_url}/responses", json=responses_body(),
+                       headers=auth(token))
+            assert r.status_code == 200
+        assert gateway.stop() == 0
+    finally:
+        for c in clients:
+            c.close()
+    logs = gateway.logs()
+    assert "Traceback" not in logs and " ERROR " not in logs, logs[-2000:]
+    assert len(gateway.ledger()) == 3
