@@ -480,7 +480,9 @@ def build_tracer_provider(
     sampler: Sampler | None = None
     if sample_ratio is not None:
         sampler = ParentBased(TraceIdRatioBased(sample_ratio))
-    provider = TracerProvider(sampler=sampler, resource=resource, id_generator=PrimedIdGenerator())
+    # No atexit hook: SessionTracer.shutdown is the bounded flush; the SDK's could hold exit 30 s.
+    provider = TracerProvider(sampler=sampler, resource=resource, id_generator=PrimedIdGenerator(),
+                              shutdown_on_exit=False)
     proc = _processor(exporter or _exporter_from_env(), endpoint, headers)
     if proc is not None:
         provider.add_span_processor(proc)

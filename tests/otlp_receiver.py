@@ -1,6 +1,6 @@
-"""A real OTLP/HTTP trace receiver for tests: POST /v1/traces, protobuf bodies.
+"""Real OTLP trace receivers for tests: HTTP (POST /v1/traces, protobuf) and gRPC.
 
-Decodes ``ExportTraceServiceRequest`` with opentelemetry-proto and keeps flat
+Both decode ``ExportTraceServiceRequest`` with opentelemetry-proto and keep flat
 span records, so tests assert on what actually crossed the wire.
 """
 
@@ -11,13 +11,19 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
+)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import (
+    TraceServiceServicer,
+    add_TraceServiceServicer_to_server,
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
@@ -59,46 +65,13 @@ class RSpan:
     resource: dict[str, Any]
 
 
-class OTLPReceiver:
-    """Listens on 127.0.0.1 (free port) in a thread; ``endpoint`` is the /v1/traces URL."""
+class SpanStore:
+    """Decoded spans, shared with the server threads."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._spans: list[RSpan] = []
         self.requests = 0
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length") or 0))
-                enc = (self.headers.get("content-encoding") or "").lower()
-                if enc == "gzip":
-                    body = gzip.decompress(body)
-                elif enc == "deflate":
-                    body = zlib.decompress(body)
-                ok = (self.path == "/v1/traces" and self.headers.get("content-type", "")
-                      .startswith("application/x-protobuf"))
-                if ok:
-                    req = ExportTraceServiceRequest()
-                    req.ParseFromString(body)
-                    receiver._add(req)
-                out = ExportTraceServiceResponse().SerializeToString() if ok else b""
-                self.send_response(200 if ok else 404)
-                self.send_header("content-type", "application/x-protobuf")
-                self.send_header("content-length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self.endpoint = f"http://127.0.0.1:{self.port}/v1/traces"
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
 
     def _add(self, req: ExportTraceServiceRequest) -> None:
         got = []
@@ -144,7 +117,70 @@ class OTLPReceiver:
                 self._cond.wait(left)
             return True
 
+
+class OTLPReceiver(SpanStore):
+    """OTLP/HTTP on 127.0.0.1 (free port), served by a thread; ``endpoint`` is the traces URL."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                enc = (self.headers.get("content-encoding") or "").lower()
+                if enc == "gzip":
+                    body = gzip.decompress(body)
+                elif enc == "deflate":
+                    body = zlib.decompress(body)
+                ok = (self.path == "/v1/traces" and self.headers.get("content-type", "")
+                      .startswith("application/x-protobuf"))
+                if ok:
+                    req = ExportTraceServiceRequest()
+                    req.ParseFromString(body)
+                    receiver._add(req)
+                out = ExportTraceServiceResponse().SerializeToString() if ok else b""
+                self.send_response(200 if ok else 404)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}/v1/traces"
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+
+
+class OTLPGrpcReceiver(SpanStore):
+    """OTLP/gRPC TraceService on 127.0.0.1 (free port); ``endpoint`` is http://127.0.0.1:port."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        receiver = self
+
+        class Servicer(TraceServiceServicer):
+            def Export(self, request: ExportTraceServiceRequest,
+                       context: Any) -> ExportTraceServiceResponse:
+                receiver._add(request)
+                return ExportTraceServiceResponse()
+
+        self._grpc = grpc.server(ThreadPoolExecutor(max_workers=2))
+        add_TraceServiceServicer_to_server(Servicer(), self._grpc)
+        self.port = self._grpc.add_insecure_port("127.0.0.1:0")
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._grpc.start()
+
+    def stop(self) -> None:
+        self._grpc.stop(grace=None)

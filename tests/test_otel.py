@@ -10,7 +10,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from otlp_receiver import OTLPReceiver, RSpan
+from otlp_receiver import OTLPGrpcReceiver, OTLPReceiver, RSpan
 
 from agent_egress.addon.protocols.usage import Usage
 from agent_egress.exporters import otel
@@ -119,7 +119,8 @@ def test_codex_session_becomes_one_trace(receiver: OTLPReceiver, explicit_turns:
     assert {s.trace_id for s in spans} == {tracer.trace_id_for(SESSION)}
     assert spans[0].resource["service.name"] == "agent-egress"
 
-    turns, chats, tools = by_name(spans, "turn "), by_name(spans, "chat "), by_name(spans, "execute_tool ")
+    turns, chats = by_name(spans, "turn "), by_name(spans, "chat ")
+    tools = by_name(spans, "execute_tool ")
     assert [t.name for t in turns] == ["turn 1", "turn 2"]
     assert len(chats) == 5 and len(tools) == 3
     assert all(t.parent_id is None and t.kind == "INTERNAL" for t in turns)
@@ -147,8 +148,9 @@ def test_codex_session_becomes_one_trace(receiver: OTLPReceiver, explicit_turns:
     assert all(not c.links for c in chats[1:])
 
     # tool spans: from the response that asked to the request that answered
-    assert [(t.attributes["gen_ai.tool.call.id"], t.attributes["gen_ai.tool.name"]) for t in tools] \
-        == [("call_A", "shell"), ("call_B", "apply_patch"), ("call_C", "shell")]
+    ids_names = [(t.attributes["gen_ai.tool.call.id"], t.attributes["gen_ai.tool.name"])
+                 for t in tools]
+    assert ids_names == [("call_A", "shell"), ("call_B", "apply_patch"), ("call_C", "shell")]
     assert [t.name for t in tools] == ["execute_tool shell", "execute_tool apply_patch",
                                        "execute_tool shell"]
     assert [t.parent_id for t in tools] == [t1.span_id, t1.span_id, t2.span_id]
@@ -308,6 +310,40 @@ def test_dead_collector_never_slows_or_breaks_record() -> None:
     t = time.perf_counter()
     tracer.shutdown(timeout_ms=500)
     assert time.perf_counter() - t < 2  # bounded, though the queue could not be sent
+
+
+def test_env_configures_endpoint_service_and_sampler(receiver: OTLPReceiver,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{receiver.port}")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "egress-eu1")
+    tracer = SessionTracer(build_tracer_provider())
+    tracer.record(call("r1", 0, 1, turn="t1"))
+    tracer.shutdown()
+    assert receiver.wait_for(lambda s: len(s) >= 2)
+    assert {s.resource["service.name"] for s in receiver.spans} == {"egress-eu1"}
+
+    receiver.clear()
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0")
+    tracer = SessionTracer(build_tracer_provider())
+    tracer.record(call("r1", 0, 1, turn="t1"))
+    tracer.shutdown()
+    assert receiver.spans == []
+
+
+def test_otlp_grpc_exporter(monkeypatch: pytest.MonkeyPatch) -> None:
+    rx = OTLPGrpcReceiver()
+    try:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        tracer = SessionTracer(build_tracer_provider(endpoint=rx.endpoint,
+                                                     headers={"x-tenant": "acme"}))
+        for c in codex_session(True):
+            tracer.record(c)
+        tracer.shutdown()
+        assert rx.wait_for(lambda s: len(s) >= 10)
+        assert {s.trace_id for s in rx.spans} == {tracer.trace_id_for(SESSION)}
+    finally:
+        rx.stop()
 
 
 def test_record_never_raises() -> None:
