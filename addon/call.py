@@ -15,7 +15,7 @@ from typing import Literal, Protocol
 
 from .protocols.summary import ResponseSummary
 from .protocols.usage import Usage
-from .store.base import KeyRecord
+from .store.base import KeyRecord, LedgerRow
 
 METADATA_KEY = "agent_egress.call"
 
@@ -40,14 +40,19 @@ class Call:
     request_id: str = field(default_factory=new_request_id)
     started_wall: datetime = field(default_factory=lambda: datetime.now(UTC))
     started: float = field(default_factory=time.monotonic)
+    started_ns: int = field(default_factory=time.time_ns)
     principal: KeyRecord | None = None
     requested_model: str | None = None
     stream: bool = False
     session_id: str | None = None
     turn_id: str | None = None
     request_bytes: int = 0
+    tool_output_ids: tuple[str, ...] = ()
+    """call_ids of tool outputs this request returns (closes execute_tool spans)."""
+    traceparent: str | None = None
     provider: str | None = None
     upstream_host: str | None = None
+    upstream_port: int | None = None
     status_code: int | None = None
     first_byte_at: float | None = None
     response_bytes: int = 0
@@ -57,6 +62,9 @@ class Call:
     """Rule that refused the call before it reached a provider (no ledger row)."""
     error: str | None = None
     settled: bool = False
+    row: LedgerRow | None = None
+    """The ledger row settle wrote; telemetry reads cost and outcome from it."""
+    traced: bool = False
 
     @property
     def reached_provider(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -13,7 +14,9 @@ from typing import Any
 from mitmproxy import http, options
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.tools.dump import DumpMaster
+from opentelemetry.sdk.trace import TracerProvider
 
+from agent_egress.exporters.otel import SessionTracer, build_tracer_provider
 from agent_egress.exporters.prometheus import Metrics
 
 from . import mitm_internals
@@ -33,6 +36,7 @@ from .settle import Settle
 from .store.base import Store
 from .store.sql import open_store
 from .stream_tap import StreamTap
+from .telemetry import Telemetry
 from .vault import FileVault, derive_key, load_master_key
 
 log = logging.getLogger("agent_egress.gateway")
@@ -82,8 +86,15 @@ class Gateway:
     classify: Classify
     inflight: Inflight
     admin: AdminServer
+    tracer: SessionTracer | None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _master_task: asyncio.Task[None] | None = None
+    _sweeper: asyncio.Task[None] | None = None
+
+    async def _sweep_sessions(self, tracer: SessionTracer) -> None:
+        while True:
+            await asyncio.sleep(30)
+            tracer.sweep()
 
     @property
     def proxyserver(self) -> Proxyserver:
@@ -129,6 +140,10 @@ class Gateway:
         if self._master_task is not None:
             await self._master_task
         await self.writer.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.shutdown, 5000)  # ends open turns; bounded flush
         await self.keyring.stop()
         await self.admin.stop()
         await asyncio.to_thread(self.store.close)
@@ -152,6 +167,23 @@ class Gateway:
         # mitmproxy signals no event when its connection table empties: poll briefly.
         while handlers and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
+
+
+def _tracer_provider(settings: Settings) -> TracerProvider | None:
+    """Traces are built only when asked for (config, or the standard OTEL_* variables)."""
+    cfg = settings.telemetry.traces
+    exporter = cfg.exporter
+    env_asks = any(os.environ.get(v) for v in ("OTEL_EXPORTER_OTLP_ENDPOINT",
+                                               "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                                               "OTEL_TRACES_EXPORTER"))
+    if exporter == "none" or (exporter is None and not env_asks and cfg.endpoint is None):
+        return None
+    if os.environ.get("OTEL_TRACES_EXPORTER") == "none" and exporter is None:
+        return None
+    if exporter is None and cfg.endpoint is not None:
+        exporter = "otlp-http"
+    return build_tracer_provider(exporter=exporter, endpoint=cfg.endpoint,
+                                 sample_ratio=cfg.sample_ratio)
 
 
 def _mitm_options(settings: Settings) -> dict[str, Any]:
@@ -191,6 +223,9 @@ async def start(settings: Settings) -> Gateway:
     keyring.start()
 
     providers = {p.name: p for p in settings.providers}
+    tracer_provider = _tracer_provider(settings)
+    tracer = None if tracer_provider is None else SessionTracer(
+        tracer_provider, session_ttl_s=settings.telemetry.traces.session_ttl_seconds)
     upstreams = [Upstream.from_url(p.base_url) for p in settings.providers]
     classify = Classify({(u.host, u.port) for u in upstreams}, settings.limits.max_body_bytes)
     inflight = Inflight(metrics)
@@ -203,6 +238,8 @@ async def start(settings: Settings) -> Gateway:
         StreamTap(),
         Settle(providers, writer, metrics),
     ]
+    if tracer is not None:
+        chain.append(Telemetry(tracer, providers))
     opts = options.Options()
     master = DumpMaster(opts, with_termlog=False, with_dumper=False)
     errorcheck = master.addons.get("errorcheck")
@@ -213,7 +250,7 @@ async def start(settings: Settings) -> Gateway:
 
     ahost, aport = _split(settings.listen.admin)
     gw = Gateway(settings, store, keyring, writer, metrics, master, classify, inflight,
-                 AdminServer(build_app(metrics, lambda: gw.readiness()), ahost, aport))
+                 AdminServer(build_app(metrics, lambda: gw.readiness()), ahost, aport), tracer)
     gw._master_task = asyncio.get_running_loop().create_task(master.run())
     expected = len(opts.mode)
     for _ in range(500):
@@ -225,6 +262,8 @@ async def start(settings: Settings) -> Gateway:
         await gw._master_task
         raise RuntimeError(f"could not listen on {', '.join(opts.mode)} (address in use?)")
     await gw.admin.start()
+    if tracer is not None:
+        gw._sweeper = asyncio.get_running_loop().create_task(gw._sweep_sessions(tracer))
     return gw
 
 

@@ -46,6 +46,8 @@ class GuardInput:
             return
         call.requested_model = info.model[:128]
         call.stream = info.stream
+        call.tool_output_ids = info.tool_output_ids
+        call.traceparent = flow.request.headers.get("traceparent")
         call.session_id, call.turn_id = session_and_turn(
             flow.request.headers.get, info.prompt_cache_key, info.client_session_id
         )

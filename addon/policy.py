@@ -110,6 +110,21 @@ class Shutdown(_Strict):
     """How long SIGTERM waits for in-flight streams before closing them."""
 
 
+class Traces(_Strict):
+    exporter: Literal["otlp-http", "otlp-grpc", "none"] | None = None
+    """None: on when OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT or OTEL_TRACES_EXPORTER is set."""
+    endpoint: str | None = None
+    """OTLP endpoint; None defers to OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT."""
+    sample_ratio: float | None = Field(default=None, ge=0, le=1)
+    """Per-session sampling (trace ids come from session ids); None: OTEL_TRACES_SAMPLER."""
+    session_ttl_seconds: float = Field(default=1800, gt=0)
+    """A session idle this long has its open turn span ended."""
+
+
+class Telemetry(_Strict):
+    traces: Traces = Field(default_factory=Traces)
+
+
 class Settings(_Strict):
     home: Path
     listen: Listen = Field(default_factory=Listen)
@@ -128,6 +143,7 @@ class Settings(_Strict):
     """Provider used for every model call (routing rules come later); default: the first."""
     limits: Limits = Field(default_factory=Limits)
     shutdown: Shutdown = Field(default_factory=Shutdown)
+    telemetry: Telemetry = Field(default_factory=Telemetry)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")

@@ -79,3 +79,4 @@ class Route:
         req.headers["authorization"] = f"Bearer {key}"
         call.provider = self.provider.name
         call.upstream_host = up.host
+        call.upstream_port = up.port

@@ -147,6 +147,7 @@ class Settle:
             error_code=(summary.error_code if summary is not None else None)
             or (outcome if outcome != "ok" else None),
         )
+        call.row = row
         self.writer.submit(row)
         self._observe(call, row, usage, now)
 

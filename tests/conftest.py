@@ -174,7 +174,7 @@ def codex_available() -> bool:
 
 
 def run_codex(tmp_path: Path, base_url: str, token: str, prompt: str = "run the tool",
-              timeout: float = 120) -> subprocess.CompletedProcess[str]:
+              timeout: float = 120, resume: bool = False) -> subprocess.CompletedProcess[str]:
     """`codex exec` with a custom provider at the gateway (DESIGN §4, driving Codex)."""
     if not Path(CODEX).exists():
         pytest.fail(f"Codex CLI missing at {CODEX}: run scripts/test.sh (it installs it)")
@@ -202,6 +202,8 @@ def run_codex(tmp_path: Path, base_url: str, token: str, prompt: str = "run the 
     for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY",
                 "all_proxy"):
         env.pop(var, None)
-    return subprocess.run([CODEX, "exec", "--skip-git-repo-check", prompt],
+    argv = [CODEX, "exec", "--skip-git-repo-check", *(["resume", "--last"] if resume else []),
+            prompt]
+    return subprocess.run(argv,
                           stdin=subprocess.DEVNULL, capture_output=True, text=True,
                           cwd=work, env=env, timeout=timeout)
