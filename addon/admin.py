@@ -20,10 +20,12 @@ from starlette.routing import Route
 
 from agent_egress.exporters.prometheus import Metrics
 
+from .keycache import KeyCache
+
 ReadinessCheck = Callable[[], "asyncio.Future[dict[str, Any]] | Any"]
 
 
-def build_app(metrics: Metrics, readiness: Callable[[], Any]) -> Starlette:
+def build_app(metrics: Metrics, readiness: Callable[[], Any], keys: KeyCache) -> Starlette:
     async def healthz(_: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -35,7 +37,17 @@ def build_app(metrics: Metrics, readiness: Callable[[], Any]) -> Starlette:
     async def metrics_endpoint(_: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    async def evict(request: Request) -> Response:
+        """The CLI calls this after `token revoke` so the next request is refused.
+
+        Unauthenticated on purpose: it can only drop cache entries (forcing a
+        re-read from the store), never grant anything.
+        """
+        key_id = request.path_params["key_id"]
+        return JSONResponse({"key_id": key_id, "evicted": keys.evict_key(key_id)})
+
     return Starlette(routes=[
+        Route("/internal/keys/{key_id}/evict", evict, methods=["POST"]),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from datetime import UTC, datetime
 
@@ -10,8 +9,8 @@ from mitmproxy import http
 
 from . import tokens
 from .call import METADATA_KEY, Call
+from .keycache import KeyCache
 from .refuse import refuse
-from .store.base import Store
 
 log = logging.getLogger("agent_egress.auth")
 
@@ -19,8 +18,8 @@ _CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key")
 
 
 class Authenticate:
-    def __init__(self, store: Store, hash_key: bytes) -> None:
-        self.store = store
+    def __init__(self, keys: KeyCache, hash_key: bytes) -> None:
+        self.keys = keys
         self.hash_key = hash_key
 
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -40,7 +39,7 @@ class Authenticate:
                          " variable your agent's env_key names", "token_malformed")
             return
         digest = tokens.hash_token(token, self.hash_key)
-        record = await asyncio.to_thread(self.store.key_by_hash, digest)
+        record = await self.keys.lookup(digest)
         if record is None:
             self._refuse(flow, call, "this gateway token is not known to the gateway; ask"
                          " your platform team for a new one", "token_unknown")

@@ -25,6 +25,7 @@ from .authenticate import Authenticate
 from .call import METADATA_KEY
 from .classify import Classify
 from .guard_input import GuardInput
+from .keycache import KeyCache
 from .keyring import Keyring
 from .ledger import LedgerWriter
 from .logs import install_redaction
@@ -87,6 +88,7 @@ class Gateway:
     inflight: Inflight
     admin: AdminServer
     tracer: SessionTracer | None
+    keys: KeyCache
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _master_task: asyncio.Task[None] | None = None
     _sweeper: asyncio.Task[None] | None = None
@@ -145,6 +147,7 @@ class Gateway:
         if self.tracer is not None:
             await asyncio.to_thread(self.tracer.shutdown, 5000)  # ends open turns; bounded flush
         await self.keyring.stop()
+        await self.keys.stop()
         await self.admin.stop()
         await asyncio.to_thread(self.store.close)
         self.stopped.set()
@@ -222,6 +225,8 @@ async def start(settings: Settings) -> Gateway:
     writer.start()
     keyring.start()
 
+    keys = KeyCache(store)
+    await keys.start()
     providers = {p.name: p for p in settings.providers}
     tracer_provider = _tracer_provider(settings)
     tracer = None if tracer_provider is None else SessionTracer(
@@ -232,7 +237,7 @@ async def start(settings: Settings) -> Gateway:
     chain = [
         classify,
         inflight,
-        Authenticate(store, derive_key(master_key.key, "token-hash")),
+        Authenticate(keys, derive_key(master_key.key, "token-hash")),
         GuardInput(settings.limits.max_body_bytes),
         Route(settings.provider(), keyring),
         StreamTap(),
@@ -250,7 +255,8 @@ async def start(settings: Settings) -> Gateway:
 
     ahost, aport = _split(settings.listen.admin)
     gw = Gateway(settings, store, keyring, writer, metrics, master, classify, inflight,
-                 AdminServer(build_app(metrics, lambda: gw.readiness()), ahost, aport), tracer)
+                 AdminServer(build_app(metrics, lambda: gw.readiness(), keys), ahost, aport),
+                 tracer, keys)
     gw._master_task = asyncio.get_running_loop().create_task(master.run())
     expected = len(opts.mode)
     for _ in range(500):

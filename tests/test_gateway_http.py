@@ -356,3 +356,42 @@ def test_shutdown_with_idle_keepalive_connections_logs_no_error(fake: FakeProvid
     logs = gateway.logs()
     assert "Traceback" not in logs and " ERROR " not in logs, logs[-2000:]
     assert len(gateway.ledger()) == 3
+
+
+def test_revocation_of_a_cached_key_applies_to_the_next_request(fake: FakeProvider,
+                                                                gateway: Gateway) -> None:
+    token, key_id = gateway.issue_token()
+    fake.tool_calls = 0
+    for _ in range(3):  # now cached in the gateway
+        r = httpx.post(f"{gateway.base_url}/responses", json=responses_body(),
+                       headers=auth(token), timeout=10)
+        assert r.status_code == 200
+    out = gateway.cli("token", "revoke", key_id).stdout
+    assert "refused from the next request on" in out and "not reachable" not in out
+    r = httpx.post(f"{gateway.base_url}/responses", json=responses_body(), headers=auth(token),
+                   timeout=10)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "token_revoked"
+
+
+def test_revocation_by_another_writer_is_seen_within_a_second(fake: FakeProvider,
+                                                              gateway: Gateway) -> None:
+    """Another process (no notification) revokes in the store: the poll catches it."""
+    from datetime import UTC, datetime
+
+    from agent_egress.addon.store.sql import SQLStore
+    token, key_id = gateway.issue_token()
+    fake.tool_calls = 0
+    r = httpx.post(f"{gateway.base_url}/responses", json=responses_body(), headers=auth(token),
+                   timeout=10)
+    assert r.status_code == 200
+    store = SQLStore(f"sqlite:///{gateway.home / 'agent-egress.db'}")
+    store.revoke_key(key_id, datetime.now(UTC))
+    store.close()
+    t0 = time.monotonic()
+    status = 200
+    while status == 200 and time.monotonic() - t0 < 5:
+        status = httpx.post(f"{gateway.base_url}/responses", json=responses_body(),
+                            headers=auth(token), timeout=10).status_code
+    elapsed = time.monotonic() - t0
+    print(f"revocation seen after {elapsed * 1000:.0f} ms")
+    assert status == 401 and elapsed < 1.0

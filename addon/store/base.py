@@ -119,6 +119,10 @@ class Store(abc.ABC):
         """Revoke a key; returns None when no such key exists."""
 
     @abc.abstractmethod
+    def revocation_fingerprint(self) -> tuple[object, ...]:
+        """Changes whenever any key is revoked; polled by every gateway's key cache."""
+
+    @abc.abstractmethod
     def insert_ledger(self, rows: Sequence[LedgerRow]) -> None: ...
 
     @abc.abstractmethod

@@ -147,6 +147,13 @@ class SQLStore(Store):
             row = conn.execute(select(gateway_keys).where(gateway_keys.c.id == key_id)).first()
         return None if row is None else self._key(row)
 
+    def revocation_fingerprint(self) -> tuple[object, ...]:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(func.count(gateway_keys.c.revoked_at), func.max(gateway_keys.c.revoked_at))
+            ).one()
+        return (int(row[0]), row[1])
+
     # ledger -------------------------------------------------------------
     def insert_ledger(self, rows: Sequence[LedgerRow]) -> None:
         if not rows:
