@@ -13,6 +13,7 @@ from typing import Any
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -34,7 +35,11 @@ def build_app(metrics: Metrics, readiness: Callable[[], Any], keys: KeyCache) ->
         ready = all(c.get("ok") for c in checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
-    async def metrics_endpoint(_: Request) -> Response:
+    async def metrics_endpoint(request: Request) -> Response:
+        # Exemplars (trace ids) exist only in OpenMetrics; Prometheus asks for it.
+        if "application/openmetrics-text" in request.headers.get("accept", ""):
+            return Response(openmetrics.generate_latest(metrics.registry),  # type: ignore[no-untyped-call]
+                            media_type=openmetrics.CONTENT_TYPE_LATEST)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def evict(request: Request) -> Response:

@@ -241,7 +241,7 @@ async def start(settings: Settings) -> Gateway:
         GuardInput(settings.limits.max_body_bytes),
         Route(settings.provider(), keyring),
         StreamTap(),
-        Settle(providers, writer, metrics),
+        Settle(providers, writer, metrics, exemplars=tracer is not None),
     ]
     if tracer is not None:
         chain.append(Telemetry(tracer, providers))

@@ -14,6 +14,7 @@ from decimal import Decimal
 
 from mitmproxy import http
 
+from agent_egress.exporters.otel import SessionTracer
 from agent_egress.exporters.prometheus import Metrics
 
 from . import mitm_internals
@@ -52,7 +53,7 @@ def outcome_of(call: Call, estimated: bool) -> str:
 
 class Settle:
     def __init__(self, providers: dict[str, Provider], writer: LedgerWriter,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, exemplars: bool = False) -> None:
         self.providers = providers
         self.prices: dict[str, dict[str, ModelPrice]] = {
             name: {m: o.to_model_price() for m, o in p.prices.items()}
@@ -60,6 +61,8 @@ class Settle:
         }
         self.writer = writer
         self.metrics = metrics
+        self.exemplars = exemplars
+        """Attach the session's trace id to latency and cost samples (when traces are on)."""
         self._warned: set[tuple[str, str]] = set()
         self.max_unpriced_labels = 100  # model names come from responses: bound the series
 
@@ -163,9 +166,12 @@ class Settle:
             label = model[:64] if len(self._warned) <= self.max_unpriced_labels else "other"
             m.unpriced.labels(row.provider, label).inc()
         label_model = model[:64] if row.price_source != "unpriced" else "other"
+        ex = ({"trace_id": SessionTracer.trace_id_for(call.session_id)}
+              if self.exemplars and call.session_id else None)
         m.calls.labels(row.org, row.team, row.provider, label_model, row.api, row.outcome).inc()
         if row.cost_usd:
-            m.cost.labels(row.org, row.team, row.provider, label_model).inc(float(row.cost_usd))
+            m.cost.labels(row.org, row.team, row.provider, label_model).inc(
+                float(row.cost_usd), exemplar=ex)
         for kind, n in (("input", usage.input_tokens - usage.cached_input_tokens),
                         ("cached_input", usage.cached_input_tokens),
                         ("cache_write", usage.cache_write_tokens),
@@ -176,5 +182,5 @@ class Settle:
         if row.usage_estimated:
             m.estimated.labels(row.provider).inc()
         if call.first_byte_at is not None:
-            m.ttfb.labels(row.provider).observe(call.first_byte_at - call.started)
-        m.duration.labels(row.provider, row.api).observe(now - call.started)
+            m.ttfb.labels(row.provider).observe(call.first_byte_at - call.started, exemplar=ex)
+        m.duration.labels(row.provider, row.api).observe(now - call.started, exemplar=ex)

@@ -20,11 +20,13 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
 }
 
-# Debian packages the tests need (node/npm run the Codex CLI).
+# Debian packages the tests need: node/npm run the Codex CLI; a real Prometheus
+# scrapes the gateway in the metrics tests.
 if command -v dpkg-query >/dev/null; then
   command -v node >/dev/null || apt_install nodejs
   command -v npm >/dev/null || apt_install npm
   python3 -c "import venv, ensurepip" 2>/dev/null || apt_install python3-venv
+  command -v prometheus >/dev/null || apt_install prometheus
 fi
 
 PYTHON="${PYTHON:-python3}"
