@@ -10,6 +10,7 @@ from mitmproxy import http
 from . import tokens
 from .call import METADATA_KEY, Call
 from .keycache import KeyCache
+from .overhead import timed_async
 from .refuse import refuse
 
 log = logging.getLogger("agent_egress.auth")
@@ -22,6 +23,7 @@ class Authenticate:
         self.keys = keys
         self.hash_key = hash_key
 
+    @timed_async
     async def request(self, flow: http.HTTPFlow) -> None:
         call: Call | None = flow.metadata.get(METADATA_KEY)
         if call is None or flow.response is not None:

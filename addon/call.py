@@ -61,6 +61,9 @@ class Call:
     refused: str | None = None
     """Rule that refused the call before it reached a provider (no ledger row)."""
     error: str | None = None
+    overhead_s: float = 0.0
+    """Wall time spent in the gateway's own hooks and stream tap for this call."""
+    agent: str = "other"
     settled: bool = False
     row: LedgerRow | None = None
     """The ledger row settle wrote; telemetry reads cost and outcome from it."""

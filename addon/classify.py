@@ -13,6 +13,7 @@ from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from .call import METADATA_KEY, Api, Call
+from .overhead import timed
 from .refuse import refuse
 
 log = logging.getLogger("agent_egress.classify")
@@ -22,6 +23,16 @@ _ROUTES: dict[tuple[str, str], Api] = {
     ("POST", "/responses/compact"): "openai.responses.compact",
     ("POST", "/chat/completions"): "openai.chat",
 }
+
+
+def agent_of(originator: str | None, user_agent: str | None) -> str:
+    """A bounded agent label for metrics: codex, claude-code or other."""
+    ua = (user_agent or "").lower()
+    if (originator or "").startswith("codex") or ua.startswith("codex"):
+        return "codex"
+    if ua.startswith(("claude-cli", "claude-code")):
+        return "claude-code"
+    return "other"
 
 
 def classify_path(method: str, path: str) -> Api | None:
@@ -38,6 +49,7 @@ class Classify:
         self.max_body_bytes = max_body_bytes
         self.draining = False
 
+    @timed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         reverse = isinstance(flow.client_conn.proxy_mode, ReverseMode)
         if not reverse and (flow.request.pretty_host, flow.request.port) not in self.provider_addrs:
@@ -55,7 +67,8 @@ class Classify:
                 code="unknown_path",
             )
             return
-        call = Call(api=api)
+        call = Call(api=api, agent=agent_of(flow.request.headers.get("originator"),
+                                            flow.request.headers.get("user-agent")))
         flow.metadata[METADATA_KEY] = call
         if self.draining:
             refuse(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from mitmproxy import http
 
 from .call import METADATA_KEY, Call
+from .overhead import timed
 from .protocols import openai_chat, openai_responses
 from .protocols.codex_headers import session_and_turn
 from .protocols.summary import BadRequest
@@ -19,6 +20,7 @@ class GuardInput:
     def __init__(self, max_body_bytes: int) -> None:
         self.max_body_bytes = max_body_bytes
 
+    @timed
     def request(self, flow: http.HTTPFlow) -> None:
         call: Call | None = flow.metadata.get(METADATA_KEY)
         if call is None or flow.response is not None:

@@ -14,6 +14,7 @@ from mitmproxy import http
 
 from .call import METADATA_KEY, Call
 from .keyring import Keyring
+from .overhead import timed_async
 from .policy import Provider
 from .protocols import openai_chat
 from .refuse import refuse
@@ -51,6 +52,7 @@ class Route:
         self.upstream = Upstream.from_url(provider.base_url)
         self.keyring = keyring
 
+    @timed_async
     async def request(self, flow: http.HTTPFlow) -> None:
         call: Call | None = flow.metadata.get(METADATA_KEY)
         if call is None or flow.response is not None:

@@ -168,7 +168,9 @@ class Settle:
         label_model = model[:64] if row.price_source != "unpriced" else "other"
         ex = ({"trace_id": SessionTracer.trace_id_for(call.session_id)}
               if self.exemplars and call.session_id else None)
-        m.calls.labels(row.org, row.team, row.provider, label_model, row.api, row.outcome).inc()
+        m.calls.labels(row.org, row.team, row.provider, label_model, row.api, call.agent,
+                       row.outcome).inc()
+        m.overhead.labels(row.api).observe(call.overhead_s)
         if row.cost_usd:
             m.cost.labels(row.org, row.team, row.provider, label_model).inc(
                 float(row.cost_usd), exemplar=ex)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from mitmproxy import http
 
 from .call import METADATA_KEY, Call, StreamReader
+from .overhead import timed
 from .protocols import openai_chat, openai_responses
 
 
@@ -25,6 +26,7 @@ def make_reader(call: Call) -> StreamReader:
 
 def tap(call: Call, reader: StreamReader) -> Callable[[bytes], bytes]:
     def on_chunk(chunk: bytes) -> bytes:
+        started = time.perf_counter()
         if chunk:
             if call.first_byte_at is None:
                 call.first_byte_at = time.monotonic()
@@ -32,12 +34,14 @@ def tap(call: Call, reader: StreamReader) -> Callable[[bytes], bytes]:
             reader.feed(chunk)
         else:
             reader.close()
+        call.overhead_s += time.perf_counter() - started
         return chunk
 
     return on_chunk
 
 
 class StreamTap:
+    @timed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         call: Call | None = flow.metadata.get(METADATA_KEY)
         if call is None or flow.response is None:

@@ -16,7 +16,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        call = ["org", "team", "provider", "model", "api", "outcome"]
+        call = ["org", "team", "provider", "model", "api", "agent", "outcome"]
         money = ["org", "team", "provider", "model"]
         self.calls = Counter("agent_egress_model_calls", "Model calls settled.", call, registry=r)
         self.cost = Counter("agent_egress_cost_usd", "Cost of model calls in USD.", money,
@@ -37,6 +37,11 @@ class Metrics:
         self.duration = Histogram("agent_egress_request_duration_seconds",
                                   "Request start to end of response.", ["provider", "api"],
                                   buckets=_LAT_BUCKETS, registry=r)
+        self.overhead = Histogram("agent_egress_gateway_overhead_seconds",
+                                  "Time spent in the gateway's own hooks and stream tap per call.",
+                                  ["api"], buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025,
+                                                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+                                  registry=r)
         self.inflight = Gauge("agent_egress_inflight_calls", "Model calls in flight.",
                               registry=r)
         self.ledger_backlog = Gauge("agent_egress_ledger_backlog_rows",

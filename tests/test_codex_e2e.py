@@ -6,6 +6,7 @@ import json
 from decimal import Decimal
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import PROVIDER_KEY, Gateway, run_codex
 from fakeprovider import DEFAULT_ANSWER, FakeProvider
@@ -58,6 +59,13 @@ def test_codex_turn_with_tool_through_gateway(tmp_path: Path, fake: FakeProvider
         assert row["session_id"] == session and session
         assert row["turn_id"]
         assert row["status_code"] == 200
+
+    metrics = httpx.get(f"{gateway.admin_url}/metrics").text
+    assert (f'agent_egress_model_calls_total{{agent="codex",api="openai.responses",'
+            f'model="gpt-5.5",org="acme",outcome="ok",provider="openai",team="payments"}}'
+            f" {float(len(calls))}") in metrics
+    assert (f'agent_egress_gateway_overhead_seconds_count{{api="openai.responses"}}'
+            f" {float(len(calls))}") in metrics
 
     spend = json.loads(gateway.cli("spend", "--by", "team", "--format", "json").stdout)
     assert spend[0]["team"] == "payments"

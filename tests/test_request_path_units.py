@@ -11,7 +11,7 @@ from mitmproxy.test import tflow
 
 from agent_egress.addon import mitm_internals
 from agent_egress.addon.call import METADATA_KEY
-from agent_egress.addon.classify import Classify, classify_path
+from agent_egress.addon.classify import Classify, agent_of, classify_path
 from agent_egress.addon.cli import codex_snippet, parse_ttl
 from agent_egress.addon.protocols.codex_headers import session_and_turn
 from agent_egress.addon.route import upstream_path
@@ -113,3 +113,11 @@ def test_json_error_page_replaces_mitmproxy_html() -> None:
     head, _, body = _http1.make_error_response(502, "x").partition(b"\r\n\r\n")
     assert body == b'{"error": {"message": "ours"}}' and b"req_abc" in head
     assert b"ours" not in _http1.make_error_response(502, "x")
+
+
+def test_agent_label_is_bounded() -> None:
+    assert agent_of("codex_exec", "codex_exec/0.169.0 (Linux)") == "codex"
+    assert agent_of("codex_cli_rs", None) == "codex"
+    assert agent_of(None, "claude-cli/2.1.197 (external, sdk-cli)") == "claude-code"
+    assert agent_of(None, "python-httpx/0.28") == "other"
+    assert agent_of("my-agent-" + "x" * 500, "anything") == "other"
