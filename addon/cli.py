@@ -21,6 +21,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from agent_egress.exporters.audit import AuditEvent, AuditLog, cli_actor, verify
+
 from . import logs, tokens
 from .policy import ConfigError, Settings, load_settings, resolve_home
 from .store.base import SpendRow, Store
@@ -67,6 +69,14 @@ def _store(settings: Settings) -> Store:
     return open_store(settings.db_url)
 
 
+def _audit(settings: Settings, action: str, target: str | None, outcome: str = "ok",
+           **detail: str | None) -> None:
+    """Every admin action from the CLI lands in the same hash-chained log."""
+    AuditLog(settings.audit_file).append(AuditEvent(
+        action=action, actor=cli_actor(), outcome=outcome, target=target, source="cli",
+        detail={k: v for k, v in detail.items() if v is not None}))
+
+
 def _vault(settings: Settings) -> tuple[FileVault, bytes]:
     settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)
     mk = load_master_key(settings.home)
@@ -109,6 +119,7 @@ def cmd_vault_set(args: argparse.Namespace) -> int:
         print("no value on stdin; usage: agent-egress vault set NAME < keyfile", file=sys.stderr)
         return 2
     info = vault.set(args.name, value)
+    _audit(settings, "vault.set", info.name, fingerprint=info.fingerprint)
     print(f"stored {info.name} ({info.fingerprint}) in {vault.path}")
     return 0
 
@@ -128,12 +139,15 @@ def cmd_vault_list(args: argparse.Namespace) -> int:
 
 
 def cmd_vault_delete(args: argparse.Namespace) -> int:
-    vault, _ = _vault(_settings(args))
+    settings = _settings(args)
+    vault, _ = _vault(settings)
     try:
         vault.delete(args.name)
     except SecretNotFound as e:
+        _audit(settings, "vault.delete", args.name, outcome="error", reason="not found")
         print(str(e), file=sys.stderr)
         return 1
+    _audit(settings, "vault.delete", args.name)
     print(f"deleted {args.name}")
     return 0
 
@@ -163,6 +177,8 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
         org=args.org, team=args.team, user=args.user, expires_at=expires,
         description=args.description,
     )
+    _audit(settings, "token.issue", record.id, org=record.org, team=record.team,
+           user=record.user, expires_at=expires.isoformat() if expires else None)
     url = args.gateway_url or f"http://{settings.listen.reverse}/v1"
     if args.format == "json":
         print(json.dumps({"token": token, "key_id": record.id, "org": record.org,
@@ -204,8 +220,11 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
     store = _store(settings)
     record = store.revoke_key(args.key_id, datetime.now(UTC))
     if record is None:
+        _audit(settings, "token.revoke", args.key_id, outcome="error", reason="no such key")
         print(f"no key {args.key_id!r}; see agent-egress token list", file=sys.stderr)
         return 1
+    _audit(settings, "token.revoke", record.id, org=record.org, team=record.team,
+           user=record.user)
     notified = _notify_revocation(settings, record.id)
     print(f"revoked {record.id} ({record.user}, team {record.team}); refused from the next"
           " request on" + ("" if notified else " (gateway not reachable: it sees the"
@@ -263,6 +282,28 @@ def cmd_spend(args: argparse.Namespace) -> int:
     return 0
 
 
+# audit --------------------------------------------------------------------
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    path = args.path or settings.audit_file
+    result = verify(path, expected_head=args.expected_head)
+    if result.ok:
+        print(f"ok: {result.records} records, chain intact; head {result.head}")
+        return 0
+    print(f"FAILED: {path}: {result.problem}", file=sys.stderr)
+    return 1
+
+
+def cmd_audit_tail(args: argparse.Namespace) -> int:
+    path = _settings(args).audit_file
+    if not path.exists():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines()[-args.n:]
+    for line in lines:
+        print(line)
+    return 0
+
+
 # parser -------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agent-egress", description=__doc__)
@@ -311,6 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr = token.add_parser("revoke")
     tr.add_argument("key_id")
     tr.set_defaults(func=cmd_token_revoke)
+
+    audit = sub.add_parser("audit", help="the hash-chained audit log").add_subparsers(
+        dest="acmd", required=True)
+    av = audit.add_parser("verify", help="check the chain: edited, removed or reordered records")
+    av.add_argument("--path", type=Path, help="default $AGENT_EGRESS_HOME/audit.jsonl")
+    av.add_argument("--expected-head", help="a head hash recorded earlier (detects truncation)")
+    av.set_defaults(func=cmd_audit_verify)
+    at = audit.add_parser("tail", help="the last records")
+    at.add_argument("-n", type=int, default=20)
+    at.set_defaults(func=cmd_audit_tail)
 
     spend = sub.add_parser("spend", help="spend report from the ledger")
     spend.add_argument("--by", choices=("team", "user", "model", "org", "key", "provider"),

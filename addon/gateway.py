@@ -16,6 +16,7 @@ from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.tools.dump import DumpMaster
 from opentelemetry.sdk.trace import TracerProvider
 
+from agent_egress.exporters.audit import AsyncAuditWriter, AuditLog
 from agent_egress.exporters.otel import SessionTracer, build_tracer_provider
 from agent_egress.exporters.prometheus import Metrics
 
@@ -89,6 +90,7 @@ class Gateway:
     admin: AdminServer
     tracer: SessionTracer | None
     keys: KeyCache
+    audit: AsyncAuditWriter
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _master_task: asyncio.Task[None] | None = None
     _sweeper: asyncio.Task[None] | None = None
@@ -142,6 +144,7 @@ class Gateway:
         if self._master_task is not None:
             await self._master_task
         await self.writer.close()
+        await self.audit.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self.tracer is not None:
@@ -225,6 +228,8 @@ async def start(settings: Settings) -> Gateway:
     writer.start()
     keyring.start()
 
+    audit = AsyncAuditWriter(AuditLog(settings.audit_file))
+    audit.start()
     keys = KeyCache(store)
     await keys.start()
     providers = {p.name: p for p in settings.providers}
@@ -241,7 +246,7 @@ async def start(settings: Settings) -> Gateway:
         GuardInput(settings.limits.max_body_bytes),
         Route(settings.provider(), keyring),
         StreamTap(),
-        Settle(providers, writer, metrics, exemplars=tracer is not None),
+        Settle(providers, writer, metrics, exemplars=tracer is not None, audit=audit),
     ]
     if tracer is not None:
         chain.append(Telemetry(tracer, providers))
@@ -256,7 +261,7 @@ async def start(settings: Settings) -> Gateway:
     ahost, aport = _split(settings.listen.admin)
     gw = Gateway(settings, store, keyring, writer, metrics, master, classify, inflight,
                  AdminServer(build_app(metrics, lambda: gw.readiness(), keys), ahost, aport),
-                 tracer, keys)
+                 tracer, keys, audit)
     gw._master_task = asyncio.get_running_loop().create_task(master.run())
     expected = len(opts.mode)
     for _ in range(500):

@@ -132,6 +132,8 @@ class Settings(_Strict):
     """SQLAlchemy URL; default sqlite:///<home>/agent-egress.db."""
     vault_path: Path | None = None
     """Encrypted vault file; default <home>/vault.json."""
+    audit_path: Path | None = None
+    """Hash-chained audit log (JSON lines); default <home>/audit.jsonl."""
     providers: list[Provider] = Field(
         default_factory=lambda: [
             Provider(
@@ -162,6 +164,10 @@ class Settings(_Strict):
     @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'agent-egress.db'}"
+
+    @property
+    def audit_file(self) -> Path:
+        return self.audit_path or self.home / "audit.jsonl"
 
     @property
     def vault_file(self) -> Path:

@@ -14,6 +14,7 @@ from decimal import Decimal
 
 from mitmproxy import http
 
+from agent_egress.exporters.audit import AsyncAuditWriter, AuditEvent
 from agent_egress.exporters.otel import SessionTracer
 from agent_egress.exporters.prometheus import Metrics
 
@@ -53,7 +54,8 @@ def outcome_of(call: Call, estimated: bool) -> str:
 
 class Settle:
     def __init__(self, providers: dict[str, Provider], writer: LedgerWriter,
-                 metrics: Metrics, exemplars: bool = False) -> None:
+                 metrics: Metrics, exemplars: bool = False,
+                 audit: AsyncAuditWriter | None = None) -> None:
         self.providers = providers
         self.prices: dict[str, dict[str, ModelPrice]] = {
             name: {m: o.to_model_price() for m, o in p.prices.items()}
@@ -62,6 +64,7 @@ class Settle:
         self.writer = writer
         self.metrics = metrics
         self.exemplars = exemplars
+        self.audit = audit
         """Attach the session's trace id to latency and cost samples (when traces are on)."""
         self._warned: set[tuple[str, str]] = set()
         self.max_unpriced_labels = 100  # model names come from responses: bound the series
@@ -73,6 +76,18 @@ class Settle:
         if call.refused is not None:
             self.metrics.refusals.labels(call.refused).inc()
             call.settled = True
+            if self.audit is not None:
+                peer = flow.client_conn.peername
+                self.audit.submit(AuditEvent(
+                    action="request.refused",
+                    actor=call.principal.id if call.principal else "anonymous",
+                    outcome="refused",
+                    target=call.requested_model,
+                    source=f"{peer[0]}:{peer[1]}" if peer else None,
+                    request_id=call.request_id,
+                    detail={"rule": call.refused, "status": call.status_code,
+                            "api": call.api, "agent": call.agent},
+                ))
             return
         if call.summary is None and call.reader is None and flow.response is not None:
             body = flow.response.raw_content or b""

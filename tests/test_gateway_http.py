@@ -289,6 +289,7 @@ def test_no_secret_in_logs_bodies_or_ledger(tmp_path: Path, fake: FakeProvider,
         "cli output": cli_out,
         "database file": (gateway.home / "agent-egress.db").read_bytes().decode("latin-1"),
         "vault file": (gateway.home / "vault.json").read_text(),
+        "audit log": (gateway.home / "audit.jsonl").read_text(),
     }
     for name, text in haystacks.items():
         assert token not in text, f"gateway token leaked into {name}"
@@ -395,3 +396,35 @@ def test_revocation_by_another_writer_is_seen_within_a_second(fake: FakeProvider
     elapsed = time.monotonic() - t0
     print(f"revocation seen after {elapsed * 1000:.0f} ms")
     assert status == 401 and elapsed < 1.0
+
+
+def test_admin_actions_and_refusals_are_audited_in_a_verifiable_chain(
+        fake: FakeProvider, gateway: Gateway) -> None:
+    token, key_id = gateway.issue_token(user="erin", team="search")
+    httpx.post(f"{gateway.base_url}/responses", content=b"{not json", headers=auth(token))
+    gateway.cli("token", "revoke", key_id)
+    httpx.post(f"{gateway.base_url}/responses", json=responses_body(), headers=auth(token))
+    httpx.post(f"{gateway.base_url}/responses", json=responses_body(),
+               headers={"authorization": "Bearer nope"})
+    gateway.stop()  # flushes the gateway's audit writer
+    records = [json.loads(line) for line in
+               (gateway.home / "audit.jsonl").read_text().splitlines()]
+    actions = [(r["action"], r["outcome"], r["detail"].get("rule")) for r in records]
+    assert ("vault.set", "ok", None) in actions
+    assert ("token.issue", "ok", None) in actions
+    assert ("token.revoke", "ok", None) in actions
+    refused = [r for r in records if r["action"] == "request.refused"]
+    assert [r["detail"]["rule"] for r in refused] == [
+        "invalid_request", "token_revoked", "token_malformed"]
+    assert refused[0]["actor"] == key_id and refused[2]["actor"] == "anonymous"
+    assert all(r["source"].startswith("127.0.0.1:") and r["request_id"].startswith("req_")
+               for r in refused)
+    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
+    ok = gateway.cli("audit", "verify")
+    assert ok.stdout.startswith(f"ok: {len(records)} records")
+    # Edit one record: the chain no longer verifies, and says where.
+    lines = (gateway.home / "audit.jsonl").read_text().splitlines()
+    lines[1] = lines[1].replace('"search"', '"payments"')
+    (gateway.home / "audit.jsonl").write_text("\n".join(lines) + "\n")
+    bad = gateway.cli("audit", "verify", check=False)
+    assert bad.returncode == 1 and "line 2" in bad.stderr
