@@ -7,14 +7,17 @@ Methods are synchronous; the request path calls them through ``asyncio.to_thread
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Literal
 
 NANO = Decimal("1e-9")
 SpendGroup = Literal["team", "user", "model", "org", "key", "provider", "session"]
+KeyState = Literal["active", "expired", "revoked", "disabled"]
+Role = Literal["org-admin", "team-admin", "viewer"]
+ROLES: tuple[Role, ...] = ("org-admin", "team-admin", "viewer")
 
 
 def usd_to_nano(usd: Decimal | None) -> int | None:
@@ -23,6 +26,20 @@ def usd_to_nano(usd: Decimal | None) -> int | None:
 
 def nano_to_usd(nano: int | None) -> Decimal | None:
     return None if nano is None else (Decimal(nano) * NANO).normalize()
+
+
+@dataclass(frozen=True, slots=True)
+class Entity:
+    """An org, team or user record (one shape: they differ only in their parents)."""
+
+    kind: Literal["org", "team", "user"]
+    id: str
+    name: str
+    org_id: str | None
+    team_id: str | None
+    email: str | None
+    created_at: datetime
+    disabled_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,13 +52,47 @@ class KeyRecord:
     created_at: datetime
     expires_at: datetime | None
     revoked_at: datetime | None
+    org_id: str | None = None
+    team_id: str | None = None
+    user_id: str | None = None
+    allowed_models: tuple[str, ...] = ()
+    """Model globs this key may call; empty = any."""
+    allowed_providers: tuple[str, ...] = ()
+    allowed_routes: tuple[str, ...] = ()
+    """API globs, e.g. openai.responses*, openai.chat; empty = any."""
+    tags: Mapping[str, str] = field(default_factory=dict)
+    disabled_at: datetime | None = None
+    disabled_by: str | None = None
+    """Which level is disabled: key, user, team or org (the first found, top down)."""
+    grace_until: datetime | None = None
+    """Set when the token presented is the one replaced by a rotation."""
 
-    def state(self, now: datetime) -> Literal["active", "expired", "revoked"]:
+    def state(self, now: datetime) -> KeyState:
         if self.revoked_at is not None:
             return "revoked"
+        if self.disabled_by is not None:
+            return "disabled"
         if self.expires_at is not None and self.expires_at <= now:
             return "expired"
+        if self.grace_until is not None and self.grace_until <= now:
+            return "expired"
         return "active"
+
+
+@dataclass(frozen=True, slots=True)
+class AdminTokenRecord:
+    id: str
+    role: Role
+    org_id: str | None
+    team_id: str | None
+    description: str | None
+    created_by: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+    def usable(self, now: datetime) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +122,7 @@ class LedgerRow:
     duration_ms: int
     outcome: str
     error_code: str | None
+    tags: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +147,30 @@ class Store(abc.ABC):
     def ping(self) -> None:
         """Raise if the database cannot be reached."""
 
+    # hierarchy ------------------------------------------------------------
+    @abc.abstractmethod
+    def create_entity(self, kind: Literal["org", "team", "user"], name: str, *,
+                      parent_id: str | None = None, email: str | None = None) -> Entity:
+        """Create an org (no parent), a team (parent: org id) or a user (parent: team id)."""
+
+    @abc.abstractmethod
+    def get_entity(self, kind: Literal["org", "team", "user"], entity_id: str) -> Entity | None:
+        ...
+
+    @abc.abstractmethod
+    def find_entity(self, kind: Literal["org", "team", "user"], name: str,
+                    org_id: str | None = None) -> Entity | None:
+        """By name: orgs globally, teams and users within an org."""
+
+    @abc.abstractmethod
+    def list_entities(self, kind: Literal["org", "team", "user"], *, org_id: str | None = None,
+                      team_id: str | None = None) -> list[Entity]: ...
+
+    @abc.abstractmethod
+    def set_entity_disabled(self, kind: Literal["org", "team", "user"], entity_id: str,
+                            disabled: bool) -> Entity | None: ...
+
+    # keys -----------------------------------------------------------------
     @abc.abstractmethod
     def create_key(
         self,
@@ -106,13 +182,50 @@ class Store(abc.ABC):
         user: str,
         expires_at: datetime | None,
         description: str | None,
+        org_id: str | None = None,
+        team_id: str | None = None,
+        user_id: str | None = None,
+        allowed_models: Sequence[str] = (),
+        allowed_providers: Sequence[str] = (),
+        allowed_routes: Sequence[str] = (),
+        tags: Mapping[str, str] | None = None,
     ) -> KeyRecord: ...
+
+    @abc.abstractmethod
+    def get_key(self, key_id: str) -> KeyRecord | None: ...
+
+    @abc.abstractmethod
+    def update_key(self, key_id: str, *, disabled: bool | None = None,
+                   allowed_models: Sequence[str] | None = None,
+                   allowed_providers: Sequence[str] | None = None,
+                   allowed_routes: Sequence[str] | None = None,
+                   tags: Mapping[str, str] | None = None,
+                   description: str | None = None) -> KeyRecord | None: ...
+
+    @abc.abstractmethod
+    def rotate_key(self, key_id: str, new_token_hash: str,
+                   grace_until: datetime) -> KeyRecord | None:
+        """New token for the key; the old one stays valid until grace_until."""
+
+    # admin tokens ---------------------------------------------------------
+    @abc.abstractmethod
+    def create_admin_token(self, *, token_id: str, token_hash: str, role: Role,
+                           org_id: str | None, team_id: str | None, description: str | None,
+                           created_by: str, expires_at: datetime | None) -> AdminTokenRecord:
+        ...
+
+    @abc.abstractmethod
+    def admin_token_by_hash(self, token_hash: str) -> AdminTokenRecord | None: ...
+
+    @abc.abstractmethod
+    def revoke_admin_token(self, token_id: str, at: datetime) -> AdminTokenRecord | None: ...
 
     @abc.abstractmethod
     def key_by_hash(self, token_hash: str) -> KeyRecord | None: ...
 
     @abc.abstractmethod
-    def list_keys(self) -> list[KeyRecord]: ...
+    def list_keys(self, *, org_id: str | None = None, team_id: str | None = None,
+                  user_id: str | None = None) -> list[KeyRecord]: ...
 
     @abc.abstractmethod
     def revoke_key(self, key_id: str, at: datetime) -> KeyRecord | None:
@@ -132,8 +245,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def spend(
-        self, by: SpendGroup, since: datetime | None = None, until: datetime | None = None
-    ) -> list[SpendRow]: ...
+        self, by: SpendGroup, since: datetime | None = None, until: datetime | None = None,
+        *, org: str | None = None, team: str | None = None,
+    ) -> list[SpendRow]:
+        """Spend grouped by `by`; org/team (names) narrow it to one scope."""
 
     @abc.abstractmethod
     def close(self) -> None: ...

@@ -7,19 +7,73 @@ floating-point drift; the API converts to Decimal.
 from __future__ import annotations
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     Column,
     DateTime,
+    ForeignKey,
     Index,
     Integer,
     MetaData,
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 
 metadata = MetaData()
+
+orgs = Table(
+    "orgs",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("name", String(128), nullable=False, unique=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("disabled_at", DateTime(timezone=True), nullable=True),
+)
+
+teams = Table(
+    "teams",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("org_id", String(40), ForeignKey("orgs.id"), nullable=False),
+    Column("name", String(128), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("disabled_at", DateTime(timezone=True), nullable=True),
+    UniqueConstraint("org_id", "name", name="uq_teams_org_name"),
+)
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("org_id", String(40), ForeignKey("orgs.id"), nullable=False),
+    Column("team_id", String(40), ForeignKey("teams.id"), nullable=False),
+    Column("name", String(128), nullable=False),
+    Column("email", String(256), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("disabled_at", DateTime(timezone=True), nullable=True),
+    UniqueConstraint("org_id", "name", name="uq_users_org_name"),
+)
+
+admin_tokens = Table(
+    "admin_tokens",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("role", String(20), nullable=False),
+    Column("org_id", String(40), ForeignKey("orgs.id"), nullable=True),
+    Column("team_id", String(40), ForeignKey("teams.id"), nullable=True),
+    Column("description", Text, nullable=True),
+    Column("created_by", String(128), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=True),
+    Column("revoked_at", DateTime(timezone=True), nullable=True),
+)
 
 gateway_keys = Table(
     "gateway_keys",
@@ -33,6 +87,19 @@ gateway_keys = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=True),
     Column("revoked_at", DateTime(timezone=True), nullable=True),
+    Column("org_id", String(40), nullable=True),
+    Column("team_id", String(40), nullable=True),
+    Column("user_id", String(40), nullable=True),
+    Column("allowed_models", JSON, nullable=True),
+    Column("allowed_providers", JSON, nullable=True),
+    Column("allowed_routes", JSON, nullable=True),
+    Column("tags", JSON, nullable=True),
+    Column("disabled_at", DateTime(timezone=True), nullable=True),
+    Column("updated_at", DateTime(timezone=True), nullable=True),
+    Column("previous_token_hash", String(64), nullable=True),
+    Column("previous_valid_until", DateTime(timezone=True), nullable=True),
+    Index("ix_gateway_keys_previous_hash", "previous_token_hash"),
+    Index("ix_gateway_keys_user", "user_id"),
 )
 
 ledger = Table(
@@ -64,6 +131,7 @@ ledger = Table(
     Column("duration_ms", Integer, nullable=False),
     Column("outcome", String(32), nullable=False),
     Column("error_code", String(64), nullable=True),
+    Column("tags", JSON, nullable=True),
     Index("ix_ledger_ts", "ts"),
     Index("ix_ledger_team_ts", "team", "ts"),
     Index("ix_ledger_session", "session_id"),
