@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import uvicorn
+from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.openmetrics import exposition as openmetrics
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -26,7 +26,7 @@ from .keycache import KeyCache
 ReadinessCheck = Callable[[], "asyncio.Future[dict[str, Any]] | Any"]
 
 
-def build_app(metrics: Metrics, readiness: Callable[[], Any], keys: KeyCache) -> Starlette:
+def build_app(metrics: Metrics, readiness: Callable[[], Any], keys: KeyCache) -> FastAPI:
     async def healthz(_: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -51,12 +51,13 @@ def build_app(metrics: Metrics, readiness: Callable[[], Any], keys: KeyCache) ->
         key_id = request.path_params["key_id"]
         return JSONResponse({"key_id": key_id, "evicted": keys.evict_key(key_id)})
 
-    return Starlette(routes=[
-        Route("/internal/keys/{key_id}/evict", evict, methods=["POST"]),
-        Route("/healthz", healthz),
-        Route("/readyz", readyz),
-        Route("/metrics", metrics_endpoint),
-    ])
+    app = FastAPI(title="agent-egress admin API", version="1", docs_url=None, redoc_url=None)
+    for path, endpoint, methods in (("/internal/keys/{key_id}/evict", evict, ["POST"]),
+                                    ("/healthz", healthz, ["GET"]),
+                                    ("/readyz", readyz, ["GET"]),
+                                    ("/metrics", metrics_endpoint, ["GET"])):
+        app.router.routes.append(Route(path, endpoint, methods=methods))
+    return app
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -66,7 +67,8 @@ class _EmbeddedServer(uvicorn.Server):
 
 
 class AdminServer:
-    def __init__(self, app: Starlette, host: str, port: int) -> None:
+    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+        self.app = app
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
                                 access_log=False)
         self.server = _EmbeddedServer(config)

@@ -47,6 +47,16 @@ class Authenticate:
                          " your platform team for a new one", "token_unknown")
             return
         state = record.state(datetime.now(UTC))
+        if state == "disabled":
+            level = "" if record.disabled_by == "key" else f" (its {record.disabled_by} is)"
+            self._refuse(flow, call, f"gateway token {record.id} is disabled{level}; ask your"
+                         " platform team", "token_disabled")
+            return
+        if state == "expired" and record.grace_until is not None:
+            self._refuse(flow, call, f"this gateway token for {record.id} was replaced by a"
+                         f" rotation and stopped working at {record.grace_until:%Y-%m-%d %H:%M}"
+                         " UTC; use the new token", "token_rotated")
+            return
         if state != "active":
             when = record.revoked_at if state == "revoked" else record.expires_at
             verb = "was revoked" if state == "revoked" else "expired"

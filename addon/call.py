@@ -64,6 +64,8 @@ class Call:
     overhead_s: float = 0.0
     """Wall time spent in the gateway's own hooks and stream tap for this call."""
     agent: str = "other"
+    tags: dict[str, str] = field(default_factory=dict)
+    """Key tags and x-egress-tag-* request tags: on the ledger row and the span."""
     settled: bool = False
     row: LedgerRow | None = None
     """The ledger row settle wrote; telemetry reads cost and outcome from it."""

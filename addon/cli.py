@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import csv
 import getpass
 import io
 import json
+import os
 import re
 import sys
 import urllib.request
@@ -23,11 +25,26 @@ from typing import Any
 
 from agent_egress.exporters.audit import AuditEvent, AuditLog, cli_actor, verify
 
-from . import logs, tokens
+from . import logs
+from .cli_admin import (
+    KEY_COLUMNS,
+    Api,
+    ApiError,
+    _print,
+    _tags,
+    add_parsers,
+    fail,
+    flatten,
+    remote_options,
+    run_verb,
+)
 from .policy import ConfigError, Settings, load_settings, resolve_home
 from .store.base import SpendRow, Store
 from .store.sql import open_store
-from .vault import FileVault, SecretNotFound, derive_key, load_master_key
+from .vault import FileVault, SecretNotFound, Vault, load_master_key
+from .vault.base import MASTER_KEY_FILE
+from .vault.file import generate_master_key
+from .vault.spec import VAULT_FILE, FileVaultSpec, open_vault
 
 CODEX_ENV_VAR = "AGENT_EGRESS_TOKEN"
 
@@ -77,10 +94,9 @@ def _audit(settings: Settings, action: str, target: str | None, outcome: str = "
         detail={k: v for k, v in detail.items() if v is not None}))
 
 
-def _vault(settings: Settings) -> tuple[FileVault, bytes]:
+def _vault(settings: Settings) -> tuple[Vault, None]:
     settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    mk = load_master_key(settings.home)
-    return FileVault(settings.vault_file, mk.key), mk.key
+    return open_vault(settings.vault, home=settings.home), None
 
 
 # run / init ---------------------------------------------------------------
@@ -120,7 +136,7 @@ def cmd_vault_set(args: argparse.Namespace) -> int:
         return 2
     info = vault.set(args.name, value)
     _audit(settings, "vault.set", info.name, fingerprint=info.fingerprint)
-    print(f"stored {info.name} ({info.fingerprint}) in {vault.path}")
+    print(f"stored {info.name} ({info.fingerprint}) in the {settings.vault.kind} vault")
     return 0
 
 
@@ -152,6 +168,36 @@ def cmd_vault_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vault_rotate_kek(args: argparse.Namespace) -> int:
+    """Re-wrap every data key under a new master key; values are not re-encrypted."""
+    settings = _settings(args)
+    spec = settings.vault
+    if not isinstance(spec, FileVaultSpec):
+        print(f"rotate-kek is for the file vault; a {spec.kind} vault's encryption keys are"
+              " rotated in that service (KMS / transit)", file=sys.stderr)
+        return 2
+    current = load_master_key(settings.home)
+    new_b64 = generate_master_key()
+    key_file = settings.home / MASTER_KEY_FILE
+    staged = key_file.with_suffix(".new")
+    from_file = current.source.startswith("file:")
+    if from_file:  # stage first: a crash after the re-wrap can still be recovered
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(new_b64 + "\n")
+    vault = FileVault((spec.path or settings.home / VAULT_FILE).expanduser(), current.key)
+    count = vault.rotate_kek(base64.b64decode(new_b64))
+    _audit(settings, "vault.rotate_kek", None, secrets=str(count))
+    if from_file:
+        os.replace(staged, key_file)
+        print(f"re-wrapped {count} secrets; the new master key is in {key_file}")
+    else:
+        print(f"re-wrapped {count} secrets. Set the new master key everywhere the old one was"
+              f" set (it is shown once; the old key no longer opens the vault):\n\n"
+              f"    AGENT_EGRESS_MASTER_KEY={new_b64}\n")
+    return 0
+
+
 # tokens -------------------------------------------------------------------
 def codex_snippet(gateway_url: str, env_var: str = CODEX_ENV_VAR) -> str:
     return (
@@ -165,29 +211,48 @@ def codex_snippet(gateway_url: str, env_var: str = CODEX_ENV_VAR) -> str:
     )
 
 
+def _api(args: argparse.Namespace, settings: Settings | None = None) -> Api:
+    settings = settings or _settings(args)
+    url = getattr(args, "url", None)
+
+    def notify(key_id: str | None) -> None:
+        if url is None and key_id is not None:  # a remote gateway evicts by itself
+            args._notified = _notify_revocation(settings, key_id)
+
+    return Api(settings, url, getattr(args, "admin_token", None), notify)
+
+
+def _ensure(api: Api, kind: str, name: str, parent_path: str, params: dict[str, Any]) -> str:
+    """Id of the named org/team/user, created if it does not exist yet."""
+    for e in api.call("GET", f"/{kind}s", params=params):
+        if e["name"] == name:
+            return str(e["id"])
+    return str(api.call("POST", parent_path, {"name": name})["id"])
+
+
 def cmd_token_issue(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    _, master = _vault(settings)
-    store = _store(settings)
-    token = tokens.generate_token()
-    expires = None if args.ttl is None else datetime.now(UTC) + args.ttl
-    record = store.create_key(
-        key_id=tokens.new_key_id(),
-        token_hash=tokens.hash_token(token, derive_key(master, "token-hash")),
-        org=args.org, team=args.team, user=args.user, expires_at=expires,
-        description=args.description,
-    )
-    _audit(settings, "token.issue", record.id, org=record.org, team=record.team,
-           user=record.user, expires_at=expires.isoformat() if expires else None)
+    api = _api(args, settings)
+    org_id = _ensure(api, "org", args.org, "/orgs", {})
+    team_id = _ensure(api, "team", args.team, f"/orgs/{org_id}/teams", {"org_id": org_id})
+    user_id = _ensure(api, "user", args.user, f"/teams/{team_id}/users", {"team_id": team_id})
+    ttl = args.ttl.total_seconds() / 86400 if args.ttl is not None else None
+    out = api.call("POST", f"/users/{user_id}/keys", {
+        "ttl_days": ttl, "models": args.model or [], "providers": args.provider or [],
+        "routes": args.route or [], "tags": _tags(args.tag) or {},
+        "description": args.description})
+    token, key = out["token"], out["key"]
     url = args.gateway_url or f"http://{settings.listen.reverse}/v1"
     if args.format == "json":
-        print(json.dumps({"token": token, "key_id": record.id, "org": record.org,
-                          "team": record.team, "user": record.user,
-                          "expires_at": expires.isoformat() if expires else None,
+        print(json.dumps({"token": token, "key_id": key["id"], "org": key["org"],
+                          "team": key["team"], "user": key["user"],
+                          "expires_at": key["expires_at"], "models": key["models"],
                           "base_url": url, "env_var": CODEX_ENV_VAR}))
         return 0
-    exp = f"expires {expires:%Y-%m-%d %H:%M} UTC" if expires else "never expires"
-    print(f"Issued {record.id} for {record.user} (team {record.team}, org {record.org}); {exp}.")
+    exp = f"expires {key['expires_at'][:16]} UTC" if key["expires_at"] else "never expires"
+    scope = f"; models {', '.join(key['models'])}" if key["models"] else ""
+    print(f"Issued {key['id']} for {key['user']} (team {key['team']}, org {key['org']});"
+          f" {exp}{scope}.")
     print("The token is shown once; it is stored only as a keyed hash.\n")
     print(f"    {token}\n")
     print(codex_snippet(url))
@@ -197,49 +262,63 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
 
 
 def cmd_token_list(args: argparse.Namespace) -> int:
-    store = _store(_settings(args))
-    now = datetime.now(UTC)
-    keys = store.list_keys()
-    if args.format == "json":
-        print(json.dumps([{
-            "key_id": k.id, "org": k.org, "team": k.team, "user": k.user,
-            "state": k.state(now), "created_at": k.created_at.isoformat(),
-            "expires_at": k.expires_at.isoformat() if k.expires_at else None,
-            "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
-        } for k in keys], indent=2))
-        return 0
-    print(f"{'KEY ID':<22} {'ORG':<12} {'TEAM':<14} {'USER':<14} {'STATE':<8} EXPIRES")
-    for k in keys:
-        exp = f"{k.expires_at:%Y-%m-%d}" if k.expires_at else "never"
-        print(f"{k.id:<22} {k.org:<12} {k.team:<14} {k.user:<14} {k.state(now):<8} {exp}")
+    keys = _api(args).call("GET", "/keys")
+    _print(keys, args.format, KEY_COLUMNS)
     return 0
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    store = _store(settings)
-    record = store.revoke_key(args.key_id, datetime.now(UTC))
-    if record is None:
-        _audit(settings, "token.revoke", args.key_id, outcome="error", reason="no such key")
-        print(f"no key {args.key_id!r}; see agent-egress token list", file=sys.stderr)
-        return 1
-    _audit(settings, "token.revoke", record.id, org=record.org, team=record.team,
-           user=record.user)
-    notified = _notify_revocation(settings, record.id)
-    print(f"revoked {record.id} ({record.user}, team {record.team}); refused from the next"
-          " request on" + ("" if notified else " (gateway not reachable: it sees the"
-                             " revocation within a second)"))
+    args._notified = True
+    key = _api(args).call("POST", f"/keys/{args.key_id}/revoke")
+    print(f"revoked {key['id']} ({key['user']}, team {key['team']}); refused from the next"
+          " request on" + ("" if args._notified else " (gateway not reachable: it sees the"
+                                                      " revocation within a second)"))
+    return 0
+
+
+def cmd_token_rotate(args: argparse.Namespace) -> int:
+    out = _api(args).call("POST", f"/keys/{args.key_id}/rotate",
+                          {"grace_seconds": int(args.grace.total_seconds())})
+    if args.format == "json":
+        print(json.dumps({"token": out["token"], "key_id": out["key"]["id"],
+                          "previous_valid_seconds": out["previous_valid_seconds"]}))
+        return 0
+    print(f"Rotated {out['key']['id']}: the old token keeps working for"
+          f" {out['previous_valid_seconds']} s. New token (shown once):\n\n    {out['token']}\n")
+    return 0
+
+
+def cmd_token_update(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"models": args.model, "providers": args.provider,
+                            "routes": args.route, "tags": _tags(args.tag),
+                            "description": args.description}
+    if args.disable or args.enable:
+        body["disabled"] = bool(args.disable)
+    key = _api(args).call("PATCH", f"/keys/{args.key_id}",
+                          {k: v for k, v in body.items() if v is not None})
+    _print(key, args.format, KEY_COLUMNS)
+    return 0
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    _print(flatten(run_verb(_api(args), args)), args.format, args.columns)
     return 0
 
 
 def _notify_revocation(settings: Settings, key_id: str) -> bool:
-    """Tell the local gateway to drop its cached record now (its poll would within 0.25 s)."""
+    """Tell gateways to drop their cached record now (their polls would within 0.25 s):
+    every replica through Redis when configured, and the local one on its admin listener."""
+    published = False
+    if settings.redis_url:
+        from .store.revocations import publish_sync
+
+        published = publish_sync(settings.redis_url, settings.redis_prefix, key_id)
     url = f"http://{settings.listen.admin}/internal/keys/{key_id}/evict"
     try:
         with urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=2):
             return True
     except OSError:
-        return False
+        return published
 
 
 # spend --------------------------------------------------------------------
@@ -276,8 +355,18 @@ def render_spend(rows: list[SpendRow], by: str, fmt: str) -> str:
 
 
 def cmd_spend(args: argparse.Namespace) -> int:
-    store = _store(_settings(args))
-    rows = store.spend(args.by, args.since, args.until)
+    if args.url:
+        data = _api(args).call("GET", "/spend", params={
+            "by": args.by, "since": args.since.isoformat() if args.since else None,
+            "until": args.until.isoformat() if args.until else None})
+        rows = [SpendRow(group=d[args.by], calls=d["calls"], input_tokens=d["input_tokens"],
+                         cached_input_tokens=d["cached_input_tokens"],
+                         output_tokens=d["output_tokens"],
+                         reasoning_tokens=d["reasoning_tokens"],
+                         cost_usd=Decimal(d["cost_usd"]), unpriced_calls=d["unpriced_calls"],
+                         estimated_calls=d["estimated_calls"]) for d in data]
+    else:
+        rows = _store(_settings(args)).spend(args.by, args.since, args.until)
     print(render_spend(rows, args.by, args.format))
     return 0
 
@@ -333,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     vd = vault.add_parser("delete")
     vd.add_argument("name")
     vd.set_defaults(func=cmd_vault_delete)
+    vr = vault.add_parser("rotate-kek", help="new master key; re-wraps data keys (file vault)")
+    vr.set_defaults(func=cmd_vault_rotate_kek)
 
     token = sub.add_parser("token", help="gateway tokens").add_subparsers(dest="tcmd",
                                                                            required=True)
@@ -352,6 +443,29 @@ def build_parser() -> argparse.ArgumentParser:
     tr = token.add_parser("revoke")
     tr.add_argument("key_id")
     tr.set_defaults(func=cmd_token_revoke)
+    tro = token.add_parser("rotate", help="new token; the old one works for --grace")
+    tro.add_argument("key_id")
+    tro.add_argument("--grace", type=parse_ttl, default=timedelta(hours=1), help="default 1h")
+    tro.add_argument("--format", choices=("text", "json"), default="text")
+    tro.set_defaults(func=cmd_token_rotate)
+    tu = token.add_parser("update", help="change scopes, tags, or disable/enable")
+    tu.add_argument("key_id")
+    tu.add_argument("--format", choices=("table", "json"), default="table")
+    tu.add_argument("--description")
+    onoff = tu.add_mutually_exclusive_group()
+    onoff.add_argument("--disable", action="store_true")
+    onoff.add_argument("--enable", action="store_true")
+    tu.set_defaults(func=cmd_token_update)
+    for q in (ti, tu):
+        q.add_argument("--model", action="append", help="allowed model glob (repeatable)")
+        q.add_argument("--provider", action="append", help="allowed provider (repeatable)")
+        q.add_argument("--route", action="append",
+                       help="allowed API glob, e.g. openai.responses* (repeatable)")
+        q.add_argument("--tag", action="append", metavar="NAME=VALUE",
+                       help="metadata recorded on every ledger row and span (repeatable)")
+    for q in (ti, tl, tr, tro, tu):
+        remote_options(q)
+    add_parsers(sub, cmd_admin)
 
     audit = sub.add_parser("audit", help="the hash-chained audit log").add_subparsers(
         dest="acmd", required=True)
@@ -370,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     spend.add_argument("--until", type=parse_when, help="exclusive")
     spend.add_argument("--format", choices=("table", "csv", "json"), default="table")
     spend.set_defaults(func=cmd_spend)
+    remote_options(spend)
     return p
 
 
@@ -380,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"agent-egress: {e}", file=sys.stderr)
         return 2
+    except ApiError as e:
+        return fail(e)
 
 
 if __name__ == "__main__":

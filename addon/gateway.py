@@ -20,12 +20,15 @@ from agent_egress.exporters.audit import AsyncAuditWriter, AuditLog
 from agent_egress.exporters.otel import SessionTracer, build_tracer_provider
 from agent_egress.exporters.prometheus import Metrics
 
-from . import mitm_internals
+from . import admin_api, mitm_internals
 from .admin import AdminServer, build_app
 from .authenticate import Authenticate
+from .authorize import Authorize
 from .call import METADATA_KEY
 from .classify import Classify
 from .guard_input import GuardInput
+from .hashkeys import load_hash_keys
+from .identity import Identity
 from .keycache import KeyCache
 from .keyring import Keyring
 from .ledger import LedgerWriter
@@ -36,10 +39,11 @@ from .protocols.usage import Usage
 from .route import Route, Upstream
 from .settle import Settle
 from .store.base import Store
+from .store.revocations import RevocationBus
 from .store.sql import open_store
 from .stream_tap import StreamTap
 from .telemetry import Telemetry
-from .vault import FileVault, derive_key, load_master_key
+from .vault.spec import open_vault
 
 log = logging.getLogger("agent_egress.gateway")
 
@@ -91,6 +95,7 @@ class Gateway:
     tracer: SessionTracer | None
     keys: KeyCache
     audit: AsyncAuditWriter
+    revocations: RevocationBus | None = None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _master_task: asyncio.Task[None] | None = None
     _sweeper: asyncio.Task[None] | None = None
@@ -123,6 +128,10 @@ class Gateway:
             checks["provider_key"]["fix"] = f"agent-egress vault set {provider.key}"
         checks["listeners"] = {"ok": bool(self.listen_addrs()) and not self.classify.draining,
                                "draining": self.classify.draining}
+        if self.revocations is not None:
+            # Informational, never fails readiness: while Redis is down the store poll
+            # still delivers revocations within a second.
+            checks["redis"] = {"ok": True, **self.revocations.status()}
         return checks
 
     async def stop(self) -> None:
@@ -151,6 +160,8 @@ class Gateway:
             await asyncio.to_thread(self.tracer.shutdown, 5000)  # ends open turns; bounded flush
         await self.keyring.stop()
         await self.keys.stop()
+        if self.revocations is not None:
+            await self.revocations.close()
         await self.admin.stop()
         await asyncio.to_thread(self.store.close)
         self.stopped.set()
@@ -217,9 +228,9 @@ async def start(settings: Settings) -> Gateway:
     store = await asyncio.to_thread(open_store, settings.db_url)
     # genai-prices loads its table on first use (~4 ms): do it here, off the loop.
     await asyncio.to_thread(price_call, Usage(input_tokens=1), "gpt-5", "openai", {})
-    master_key = await asyncio.to_thread(load_master_key, settings.home)
-    vault = FileVault(settings.vault_file, master_key.key)
-    keyring = Keyring(vault)
+    vault = await asyncio.to_thread(open_vault, settings.vault, home=settings.home)
+    hash_keys = await asyncio.to_thread(load_hash_keys, vault, settings.vault, settings.home)
+    keyring = Keyring(vault, refresh_seconds=settings.vault.refresh_seconds)
     await keyring.refresh()
     install_redaction(keyring)
     metrics = Metrics()
@@ -230,7 +241,9 @@ async def start(settings: Settings) -> Gateway:
 
     audit = AsyncAuditWriter(AuditLog(settings.audit_file))
     audit.start()
-    keys = KeyCache(store)
+    revocations = (None if settings.redis_url is None
+                   else RevocationBus(settings.redis_url, settings.redis_prefix))
+    keys = KeyCache(store, bus=revocations)
     await keys.start()
     providers = {p.name: p for p in settings.providers}
     tracer_provider = _tracer_provider(settings)
@@ -242,8 +255,9 @@ async def start(settings: Settings) -> Gateway:
     chain = [
         classify,
         inflight,
-        Authenticate(keys, derive_key(master_key.key, "token-hash")),
+        Authenticate(keys, hash_keys.token),
         GuardInput(settings.limits.max_body_bytes),
+        Authorize(settings.provider().name),
         Route(settings.provider(), keyring),
         StreamTap(),
         Settle(providers, writer, metrics, exemplars=tracer is not None, audit=audit),
@@ -261,7 +275,7 @@ async def start(settings: Settings) -> Gateway:
     ahost, aport = _split(settings.listen.admin)
     gw = Gateway(settings, store, keyring, writer, metrics, master, classify, inflight,
                  AdminServer(build_app(metrics, lambda: gw.readiness(), keys), ahost, aport),
-                 tracer, keys, audit)
+                 tracer, keys, audit, revocations)
     gw._master_task = asyncio.get_running_loop().create_task(master.run())
     expected = len(opts.mode)
     for _ in range(500):
@@ -272,6 +286,16 @@ async def start(settings: Settings) -> Gateway:
         master.shutdown()
         await gw._master_task
         raise RuntimeError(f"could not listen on {', '.join(opts.mode)} (address in use?)")
+    loop = asyncio.get_running_loop()
+    identity = Identity(store, hash_keys.token, hash_keys.admin,
+                        # API handlers run in worker threads; the audit writer lives on the loop
+                        lambda event: loop.call_soon_threadsafe(audit.submit, event))
+
+    def on_key_change(key_id: str | None) -> None:
+        loop.call_soon_threadsafe(keys.clear if key_id is None else
+                                  lambda: keys.evict_key(key_id))
+
+    admin_api.install(gw.admin.app, identity, on_key_change)
     await gw.admin.start()
     if tracer is not None:
         gw._sweeper = asyncio.get_running_loop().create_task(gw._sweep_sessions(tracer))

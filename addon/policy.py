@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .pricing import ModelPrice
+from .vault.spec import FileVaultSpec, VaultSpec
 
 DEFAULT_HOME = "~/.agent-egress"
 ENV_HOME = "AGENT_EGRESS_HOME"
@@ -130,8 +131,12 @@ class Settings(_Strict):
     listen: Listen = Field(default_factory=Listen)
     database_url: str | None = None
     """SQLAlchemy URL; default sqlite:///<home>/agent-egress.db."""
-    vault_path: Path | None = None
-    """Encrypted vault file; default <home>/vault.json."""
+    redis_url: str | None = None
+    """Redis (redis://, rediss://, unix://) for cross-replica revocation; None: store poll only."""
+    redis_prefix: str = "agent-egress:"
+    """Prefix of every Redis key and channel, so deployments can share one Redis."""
+    vault: VaultSpec = Field(default_factory=FileVaultSpec)
+    """Where provider keys live: kind file (default, <home>/vault.json), aws or hashicorp."""
     audit_path: Path | None = None
     """Hash-chained audit log (JSON lines); default <home>/audit.jsonl."""
     providers: list[Provider] = Field(
@@ -169,9 +174,6 @@ class Settings(_Strict):
     def audit_file(self) -> Path:
         return self.audit_path or self.home / "audit.jsonl"
 
-    @property
-    def vault_file(self) -> Path:
-        return self.vault_path or self.home / "vault.json"
 
     def provider(self, name: str | None = None) -> Provider:
         wanted = name or self.default_provider or self.providers[0].name
@@ -183,6 +185,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "AGENT_EGRESS_PROXY_LISTEN": ("listen", "proxy"),
     "AGENT_EGRESS_ADMIN_LISTEN": ("listen", "admin"),
     "AGENT_EGRESS_DATABASE_URL": ("database_url",),
+    "AGENT_EGRESS_REDIS_URL": ("redis_url",),
     "AGENT_EGRESS_LOG_LEVEL": ("log_level",),
 }
 

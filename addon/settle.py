@@ -162,6 +162,7 @@ class Settle:
             else int((call.first_byte_at - call.started) * 1000),
             duration_ms=int((now - call.started) * 1000),
             outcome=outcome,
+            tags=call.tags or None,
             error_code=(summary.error_code if summary is not None else None)
             or (outcome if outcome != "ok" else None),
         )

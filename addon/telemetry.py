@@ -52,6 +52,7 @@ def call_trace(call: Call, provider: Provider) -> CallTrace | None:
         tool_calls=tuple(summary.tool_calls) if summary is not None else (),
         tool_output_ids=call.tool_output_ids,
         traceparent=call.traceparent,
+        tags=call.tags,
     )
 
 

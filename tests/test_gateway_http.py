@@ -411,8 +411,8 @@ def test_admin_actions_and_refusals_are_audited_in_a_verifiable_chain(
                (gateway.home / "audit.jsonl").read_text().splitlines()]
     actions = [(r["action"], r["outcome"], r["detail"].get("rule")) for r in records]
     assert ("vault.set", "ok", None) in actions
-    assert ("token.issue", "ok", None) in actions
-    assert ("token.revoke", "ok", None) in actions
+    for action in ("org.create", "team.create", "user.create", "key.issue", "key.revoke"):
+        assert (action, "ok", None) in actions
     refused = [r for r in records if r["action"] == "request.refused"]
     assert [r["detail"]["rule"] for r in refused] == [
         "invalid_request", "token_revoked", "token_malformed"]
@@ -424,7 +424,8 @@ def test_admin_actions_and_refusals_are_audited_in_a_verifiable_chain(
     assert ok.stdout.startswith(f"ok: {len(records)} records")
     # Edit one record: the chain no longer verifies, and says where.
     lines = (gateway.home / "audit.jsonl").read_text().splitlines()
-    lines[1] = lines[1].replace('"search"', '"payments"')
+    assert '"outcome":"ok"' in lines[1]
+    lines[1] = lines[1].replace('"outcome":"ok"', '"outcome":"error"')
     (gateway.home / "audit.jsonl").write_text("\n".join(lines) + "\n")
     bad = gateway.cli("audit", "verify", check=False)
     assert bad.returncode == 1 and "line 2" in bad.stderr

@@ -22,7 +22,7 @@ def test_defaults_without_a_file(tmp_path: Path) -> None:
     assert s.listen.proxy == "127.0.0.1:8080"
     assert s.listen.admin == "127.0.0.1:9787"
     assert s.db_url == f"sqlite:///{tmp_path / 'agent-egress.db'}"
-    assert s.vault_file == tmp_path / "vault.json"
+    assert s.vault.kind == "file" and s.vault.path is None  # <home>/vault.json
     assert s.provider().base_url == "https://api.openai.com/v1"
     assert s.limits.max_body_bytes == 32 * 1024 * 1024
 

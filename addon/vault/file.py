@@ -17,7 +17,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,32 @@ class FileVault(Vault):
     def list(self) -> builtins.list[SecretInfo]:
         return [record.info(name) for name, record in sorted(self._load().items())]
 
+    def rotate_kek(self, new_master_key: bytes) -> int:
+        """Re-wrap every DEK under ``new_master_key``; values are not re-encrypted.
+
+        All-or-nothing: every DEK is unwrapped (and so authenticated) before one
+        atomic file replace, so a failure leaves the vault readable with the old
+        key. Afterwards only the new key opens the file. Returns the count re-wrapped.
+        """
+        successor = FileVault(self.path, new_master_key)
+        with self._locked():
+            records = {}
+            for name, record in self._load().items():
+                aad = _DEK_AAD + name.encode()
+                try:
+                    dek = self._kek.decrypt(record.dek_nonce, record.wrapped_dek, aad)
+                except (InvalidTag, ValueError):
+                    raise self._corrupt(f"secret {name!r} fails authentication") from None
+                dek_nonce = os.urandom(_NONCE_BYTES)
+                records[name] = replace(
+                    record,
+                    wrapped_dek=successor._kek.encrypt(dek_nonce, dek, aad),
+                    dek_nonce=dek_nonce,
+                )
+            successor._store(records)
+        self._kek = successor._kek
+        return len(records)
+
     # -- file handling -------------------------------------------------------
 
     @contextlib.contextmanager
@@ -172,6 +198,11 @@ class FileVault(Vault):
             f"vault file {self.path} is corrupt or was tampered with ({detail});"
             " restore it from backup or set the affected secrets again"
         )
+
+
+def generate_master_key() -> str:
+    """A new master key as the base64 text ``AGENT_EGRESS_MASTER_KEY`` expects."""
+    return _b64(os.urandom(KEY_BYTES))
 
 
 def _b64(data: bytes) -> str:
