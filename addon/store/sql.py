@@ -178,7 +178,7 @@ class SQLStore(Store):
         stmt = select(t).order_by(t.c.name)
         if org_id is not None:
             stmt = stmt.where((t.c.id if kind == "org" else t.c.org_id) == org_id)
-        if team_id is not None:
+        if team_id is not None and kind != "org":
             stmt = stmt.where((t.c.id if kind == "team" else t.c.team_id) == team_id)
         with self.engine.connect() as conn:
             return [self._entity(kind, r) for r in conn.execute(stmt)]
