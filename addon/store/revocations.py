@@ -53,14 +53,15 @@ class RevocationBus:
         self.ping_interval = ping_interval
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
-        self._client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
-            redis_url,
-            decode_responses=True,
-            socket_connect_timeout=connect_timeout,
-            socket_timeout=connect_timeout,
-            socket_keepalive=True,
-            retry=AsyncRetry(NoBackoff(), 0),
-        )
+        common: dict[str, Any] = {"decode_responses": True, "socket_keepalive": True,
+                                  "socket_connect_timeout": connect_timeout,
+                                  "socket_timeout": connect_timeout}
+        # The subscriber must see every disconnect (no retries); a publish may retry
+        # once, on a fresh connection, after a pooled one went stale (Redis restarted).
+        self._sub: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
+            redis_url, retry=AsyncRetry(NoBackoff(), 0), **common)
+        self._pub: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
+            redis_url, retry=AsyncRetry(NoBackoff(), 1), **common)
         self.connected = False
         self.connects = 0
         """Successful subscriptions so far (1 after the first, +1 per reconnect)."""
@@ -69,11 +70,11 @@ class RevocationBus:
 
     async def publish(self, key_id: str) -> int:
         """Announce a revocation; returns how many subscribers got it. Raises if unreachable."""
-        return int(await self._client.publish(self.channel, key_id))
+        return int(await self._pub.publish(self.channel, key_id))
 
     async def ping(self) -> bool:
         try:
-            return bool(await self._client.ping())
+            return bool(await self._pub.ping())
         except (redis.RedisError, OSError):
             return False
 
@@ -89,7 +90,7 @@ class RevocationBus:
         backoff = self.backoff_initial
         while True:
             connects_before = self.connects
-            pubsub = self._client.pubsub()
+            pubsub = self._sub.pubsub()
             try:
                 await self._listen(pubsub, on_revoked, on_reset)
             except asyncio.CancelledError:
@@ -146,8 +147,9 @@ class RevocationBus:
                 raise TimeoutError(f"no reply from Redis in {now - last_seen:.0f}s")
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await self._client.aclose()
+        for client in (self._sub, self._pub):
+            with contextlib.suppress(Exception):
+                await client.aclose()
 
 
 def publish_sync(redis_url: str, prefix: str, key_id: str, timeout: float = 1.0) -> bool:
