@@ -72,6 +72,20 @@ class PriceOverride(_Strict):
         )
 
 
+class ProviderKey(_Strict):
+    """A vault key used for the calls that match every selector given (empty: ignored)."""
+
+    name: str
+    orgs: list[str] = Field(default_factory=list)
+    teams: list[str] = Field(default_factory=list)
+    projects: list[str] = Field(default_factory=list)
+    """Values of the `project` tag (from the key or an x-egress-tag-project header)."""
+
+    def matches(self, org: str, team: str, tags: Mapping[str, str]) -> bool:
+        return ((not self.orgs or org in self.orgs) and (not self.teams or team in self.teams)
+                and (not self.projects or tags.get("project") in self.projects))
+
+
 class Provider(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
     kind: Literal["openai", "openai_compatible"] = "openai"
@@ -79,6 +93,8 @@ class Provider(_Strict):
     """Provider API root including the version path, e.g. https://api.openai.com/v1."""
     key: str
     """Name of the provider API key in the vault (`agent-egress vault set NAME`)."""
+    keys: list[ProviderKey] = Field(default_factory=list)
+    """Per-org/team/project keys, first match wins; `key` is used when none matches."""
     prices: dict[str, PriceOverride] = Field(default_factory=dict)
     """USD per million tokens by model name or glob; wins over genai-prices."""
     price_as: str | None = None
@@ -93,6 +109,9 @@ class Provider(_Strict):
         if parts.query or parts.fragment:
             raise ValueError("base_url must not have a query or fragment")
         return v.rstrip("/")
+
+    def key_for(self, org: str, team: str, tags: Mapping[str, str]) -> str:
+        return next((k.name for k in self.keys if k.matches(org, team, tags)), self.key)
 
     @property
     def pricing_provider_id(self) -> str | None:

@@ -57,14 +57,17 @@ class Route:
         call: Call | None = flow.metadata.get(METADATA_KEY)
         if call is None or flow.response is not None:
             return
-        key = self.keyring.get(self.provider.key)
+        p = call.principal
+        name = (self.provider.key_for(p.org, p.team, call.tags) if p is not None
+                else self.provider.key)
+        key = self.keyring.get(name)
         if key is None:
             await self.keyring.refresh()  # a key set since the last refresh
-            key = self.keyring.get(self.provider.key)
+            key = self.keyring.get(name)
         if key is None:
-            refuse(flow, call, 503, f"the provider key {self.provider.key!r} for provider"
+            refuse(flow, call, 503, f"the provider key {name!r} for provider"
                    f" {self.provider.name!r} is not in the gateway's vault; an admin runs"
-                   f" `agent-egress vault set {self.provider.key}`",
+                   f" `agent-egress vault set {name}`",
                    type="server_error", code="provider_key_missing")
             return
         if call.api == "openai.chat" and call.stream:

@@ -252,3 +252,29 @@ def test_codex_with_a_key_scoped_to_another_model_shows_our_refusal(
     assert f"gateway token {out['key_id']} may use models gpt-4o*" in text, text[-2000:]
     assert "'gpt-5.5'" in text
     assert fake.requests == []
+
+
+def test_provider_key_is_chosen_by_team_and_project(tmp_path: Path,
+                                                    fake: FakeProvider) -> None:
+    from conftest import make_gateway
+    keys = {"openai": PROVIDER_KEY, "openai-payments": "sk-proj-PAYMENTSkey0000000000000000",
+            "openai-atlas": "sk-proj-ATLASproject00000000000000000"}
+    gw = make_gateway(tmp_path, fake.base_url, providers=[{
+        "name": "openai", "kind": "openai", "base_url": fake.base_url, "key": "openai",
+        "keys": [{"name": "openai-atlas", "projects": ["atlas"]},
+                 {"name": "openai-payments", "teams": ["payments"]}]}])
+    for name, value in keys.items():
+        gw.cli("vault", "set", name, input=value)
+    gw.start()
+    try:
+        fake.tool_calls = 0
+        pay, _ = gw.issue_token(user="alice", team="payments")
+        other, _ = gw.issue_token(user="bob", team="search")
+        assert llm(gw, pay).status_code == 200
+        assert llm(gw, other).status_code == 200
+        assert llm(gw, other, headers={"x-egress-tag-project": "atlas"}).status_code == 200
+        seen = [r.header("authorization") for r in fake.requests]
+        assert seen == [f"Bearer {keys['openai-payments']}", f"Bearer {keys['openai']}",
+                        f"Bearer {keys['openai-atlas']}"]
+    finally:
+        gw.stop()
