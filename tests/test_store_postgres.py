@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -22,7 +23,7 @@ import services
 from sqlalchemy import inspect, text
 
 from agent_egress.addon.store.base import LedgerRow, Store
-from agent_egress.addon.store.sql import SQLStore, make_engine, open_store
+from agent_egress.addon.store.sql import SQLStore, make_engine, open_store, run_migrations
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 
@@ -188,6 +189,17 @@ def test_spend_sums_are_exact_decimals(store: Store) -> None:
     assert len(store.ledger_rows(since=T0 + timedelta(minutes=398))) == 2
 
 
+def test_spend_orders_unpriced_groups_last(request: pytest.FixtureRequest, db_url: str,
+                                          store: Store) -> None:
+    if db_url.startswith("postgresql"):
+        # SQLStore.spend orders by sum(cost) DESC; PostgreSQL sorts NULL (all calls
+        # unpriced) first there, SQLite last. Fix: .desc().nulls_last() (SQLite >= 3.30).
+        request.applymarker(pytest.mark.xfail(strict=True, reason="NULL sort order differs"))
+    store.insert_ledger([_row(1, cost=Decimal("1.5"), team="priced"),
+                         _row(2, cost=None, team="unpriced")])
+    assert [r.group for r in store.spend("team")] == ["priced", "unpriced"]
+
+
 # migrations ---------------------------------------------------------------
 def test_migrations_are_idempotent(db_url: str) -> None:
     first = open_store(db_url)
@@ -207,6 +219,39 @@ def test_migrations_are_idempotent(db_url: str) -> None:
     third = open_store(db_url)  # data survives re-running migrations
     assert [k.id for k in third.list_keys()] == ["key_a"]
     third.close()
+
+
+def test_replicas_starting_together_migrate_once(request: pytest.FixtureRequest,
+                                                 db_url: str) -> None:
+    """Two gateways starting at once on an empty database: the second must wait, not fail.
+
+    Deterministic: the first migration is held uncommitted while the second starts.
+    """
+    if db_url.startswith("postgresql"):
+        # run_migrations takes no lock: the second CREATE TABLE alembic_version waits for
+        # the first transaction, then fails (UniqueViolation on pg_type). Fix: run
+        # SELECT pg_advisory_xact_lock(<constant>) on the connection before command.upgrade.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="migration race"))
+    first = SQLStore(db_url)
+    errors: list[BaseException] = []
+
+    def second() -> None:
+        try:
+            open_store(db_url).close()
+        except Exception as e:
+            errors.append(e)
+
+    try:
+        with first.engine.begin() as conn:
+            run_migrations(conn)
+            t = threading.Thread(target=second)
+            t.start()
+            time.sleep(0.3)  # the second replica is now blocked behind the first
+        t.join(30)
+    finally:
+        first.close()
+    assert not t.is_alive()
+    assert errors == []
 
 
 def test_databases_are_private_to_each_test(db_url: str) -> None:
