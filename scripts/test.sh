@@ -21,12 +21,16 @@ apt_install() {
 }
 
 # Debian packages the tests need: node/npm run the Codex CLI; a real Prometheus
-# scrapes the gateway in the metrics tests.
+# scrapes the gateway in the metrics tests; PostgreSQL and Redis for the replicas.
 if command -v dpkg-query >/dev/null; then
   command -v node >/dev/null || apt_install nodejs
   command -v npm >/dev/null || apt_install npm
   python3 -c "import venv, ensurepip" 2>/dev/null || apt_install python3-venv
   command -v prometheus >/dev/null || apt_install prometheus
+  # The tests use PostgreSQL and Redis on 127.0.0.1 when running, else start their own
+  # from these binaries on free ports.
+  command -v redis-server >/dev/null || apt_install redis-server
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_install postgresql
 fi
 
 PYTHON="${PYTHON:-python3}"

@@ -140,7 +140,8 @@ class PostgresServer:
             with log.open("ab") as out:
                 self.proc = subprocess.Popen(
                     [str(self.bindir / "postgres"), "-D", str(data), "-p", str(self.port),
-                     "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.dir}",
+                     "-c", "listen_addresses=127.0.0.1",
+                     "-c", f"unix_socket_directories={self.dir}",
                      "-c", "fsync=off", "-c", "synchronous_commit=off",
                      "-c", "full_page_writes=off", "-c", "max_connections=200"],
                     stdout=out, stderr=subprocess.STDOUT, cwd=self.dir, **kw)

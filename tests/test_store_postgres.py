@@ -189,12 +189,7 @@ def test_spend_sums_are_exact_decimals(store: Store) -> None:
     assert len(store.ledger_rows(since=T0 + timedelta(minutes=398))) == 2
 
 
-def test_spend_orders_unpriced_groups_last(request: pytest.FixtureRequest, db_url: str,
-                                          store: Store) -> None:
-    if db_url.startswith("postgresql"):
-        # SQLStore.spend orders by sum(cost) DESC; PostgreSQL sorts NULL (all calls
-        # unpriced) first there, SQLite last. Fix: .desc().nulls_last() (SQLite >= 3.30).
-        request.applymarker(pytest.mark.xfail(strict=True, reason="NULL sort order differs"))
+def test_spend_orders_unpriced_groups_last(store: Store) -> None:
     store.insert_ledger([_row(1, cost=Decimal("1.5"), team="priced"),
                          _row(2, cost=None, team="unpriced")])
     assert [r.group for r in store.spend("team")] == ["priced", "unpriced"]
@@ -221,17 +216,11 @@ def test_migrations_are_idempotent(db_url: str) -> None:
     third.close()
 
 
-def test_replicas_starting_together_migrate_once(request: pytest.FixtureRequest,
-                                                 db_url: str) -> None:
+def test_replicas_starting_together_migrate_once(db_url: str) -> None:
     """Two gateways starting at once on an empty database: the second must wait, not fail.
 
     Deterministic: the first migration is held uncommitted while the second starts.
     """
-    if db_url.startswith("postgresql"):
-        # run_migrations takes no lock: the second CREATE TABLE alembic_version waits for
-        # the first transaction, then fails (UniqueViolation on pg_type). Fix: run
-        # SELECT pg_advisory_xact_lock(<constant>) on the connection before command.upgrade.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="migration race"))
     first = SQLStore(db_url)
     errors: list[BaseException] = []
 

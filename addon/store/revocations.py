@@ -97,14 +97,15 @@ class RevocationBus:
                 raise
             except Exception as e:  # connection lost, Redis restarting, bad URL, ...
                 err = f"{type(e).__name__}: {e}"
-                level = logging.WARNING if self.connected or err != self.last_error else logging.DEBUG
+                quiet = not self.connected and err == self.last_error
+                level = logging.DEBUG if quiet else logging.WARNING
                 log.log(level, "revocation channel %s unavailable (%s); retrying, the store"
                         " poll covers revocations meanwhile", self.channel, err)
                 self.last_error = err
             finally:
                 self.connected = False
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
             if self.connects > connects_before:
                 backoff = self.backoff_initial  # it was up: the first retry comes quickly
             await asyncio.sleep(backoff * random.uniform(0.5, 1.0))

@@ -12,7 +12,18 @@ from typing import Any, Literal
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, case, create_engine, event, func, insert, or_, select, update
+from sqlalchemy import (
+    Engine,
+    case,
+    create_engine,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import Connection, make_url
 
 from .base import (
@@ -108,6 +119,15 @@ def run_migrations(conn: Connection) -> None:
         "script_location", str(resources.files("agent_egress.addon.store") / "migrations")
     )
     cfg.attributes["connection"] = conn
+    # Replicas starting together must migrate one at a time: take the database's
+    # write lock before Alembic looks at the schema, so the second waits and then
+    # finds nothing to do.
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(7236450219)"))
+    elif conn.dialect.name == "sqlite":
+        dbapi = conn.connection.dbapi_connection
+        if dbapi is not None and not getattr(dbapi, "in_transaction", True):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
     command.upgrade(cfg, "head")
 
 
@@ -425,7 +445,8 @@ class SQLStore(Store):
             func.sum(case((ledger.c.cost_nano_usd.is_(None), 1), else_=0)),
             func.sum(case((ledger.c.usage_estimated.is_(True), 1), else_=0)),
         ).group_by(group)
-        stmt = self._window(stmt, since, until).order_by(func.sum(ledger.c.cost_nano_usd).desc())
+        stmt = self._window(stmt, since, until).order_by(
+            func.sum(ledger.c.cost_nano_usd).desc().nulls_last())
         if org is not None:
             stmt = stmt.where(ledger.c.org == org)
         if team is not None:
