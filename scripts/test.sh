@@ -44,6 +44,8 @@ if ! tools/codex/node_modules/.bin/codex --version 2>/dev/null | grep -q "$CODEX
   npm install --prefix tools/codex --no-package-lock --no-audit --no-fund --loglevel=error
 fi
 export CODEX_BIN="$PWD/tools/codex/node_modules/.bin/codex"
+# PostgreSQL/Redis: use the machine's, else start our own; never skip silently.
+export AGENT_EGRESS_TEST_SERVICES="${AGENT_EGRESS_TEST_SERVICES:-require}"
 
 # mypy sees the installed import names through symlinks (the folders are mapped
 # into agent_egress.* by setuptools' package-dir, which mypy cannot follow).
