@@ -292,8 +292,13 @@ async def start(settings: Settings) -> Gateway:
                         lambda event: loop.call_soon_threadsafe(audit.submit, event))
 
     def on_key_change(key_id: str | None) -> None:
+        """Drop the record here at once, and tell the other replicas (Redis, if any);
+        the store poll covers everything else, e.g. a disabled team (key_id None)."""
         loop.call_soon_threadsafe(keys.clear if key_id is None else
                                   lambda: keys.evict_key(key_id))
+        if key_id is not None and revocations is not None:
+            future = asyncio.run_coroutine_threadsafe(revocations.publish(key_id), loop)
+            future.add_done_callback(lambda f: f.exception())  # unreachable Redis: poll covers
 
     admin_api.install(gw.admin.app, identity, on_key_change)
     await gw.admin.start()
