@@ -23,8 +23,6 @@ from agent_egress.exporters.prometheus import Metrics
 
 from .keycache import KeyCache
 
-ReadinessCheck = Callable[[], "asyncio.Future[dict[str, Any]] | Any"]
-
 
 def build_app(metrics: Metrics, readiness: Callable[[], Any], keys: KeyCache) -> FastAPI:
     async def healthz(_: Request) -> Response:

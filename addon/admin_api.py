@@ -15,8 +15,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent_egress.exporters.audit import AuditEvent
-
 from . import tokens
 from .identity import Actor, Identity, IdentityError, Unauthenticated
 from .store.base import AdminTokenRecord, Entity, KeyRecord, Role, SpendRow
@@ -125,9 +123,7 @@ def install(app: FastAPI, identity: Identity,
         token = tokens.extract_token(authorization)
         found = identity.authenticate_admin(token, source)
         if found is None:
-            identity._audit_sink(AuditEvent(action="admin.auth", actor="anonymous",
-                                            outcome="refused", source=source,
-                                            target=request.url.path))
+            identity.audit_unauthenticated(source, request.url.path)
             raise Unauthenticated("a valid admin token is required: Authorization: Bearer"
                                   " <admin token> (agent-egress admin-token issue)")
         return found

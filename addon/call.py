@@ -14,7 +14,6 @@ from datetime import UTC, datetime
 from typing import Literal, Protocol
 
 from .protocols.summary import ResponseSummary
-from .protocols.usage import Usage
 from .store.base import KeyRecord, LedgerRow
 
 METADATA_KEY = "agent_egress.call"
@@ -70,10 +69,3 @@ class Call:
     row: LedgerRow | None = None
     """The ledger row settle wrote; telemetry reads cost and outcome from it."""
     traced: bool = False
-
-    @property
-    def reached_provider(self) -> bool:
-        return self.provider is not None and self.refused is None
-
-    def usage(self) -> Usage | None:
-        return self.summary.usage if self.summary is not None else None

@@ -94,9 +94,9 @@ def _audit(settings: Settings, action: str, target: str | None, outcome: str = "
         detail={k: v for k, v in detail.items() if v is not None}))
 
 
-def _vault(settings: Settings) -> tuple[Vault, None]:
+def _vault(settings: Settings) -> Vault:
     settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return open_vault(settings.vault, home=settings.home), None
+    return open_vault(settings.vault, home=settings.home)
 
 
 # run / init ---------------------------------------------------------------
@@ -125,7 +125,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 # vault --------------------------------------------------------------------
 def cmd_vault_set(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    vault, _ = _vault(settings)
+    vault = _vault(settings)
     if sys.stdin.isatty():
         value = getpass.getpass(f"value for {args.name} (input hidden): ")
     else:
@@ -141,7 +141,7 @@ def cmd_vault_set(args: argparse.Namespace) -> int:
 
 
 def cmd_vault_list(args: argparse.Namespace) -> int:
-    vault, _ = _vault(_settings(args))
+    vault = _vault(_settings(args))
     infos = vault.list()
     if args.format == "json":
         print(json.dumps([{"name": i.name, "fingerprint": i.fingerprint,
@@ -156,7 +156,7 @@ def cmd_vault_list(args: argparse.Namespace) -> int:
 
 def cmd_vault_delete(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    vault, _ = _vault(settings)
+    vault = _vault(settings)
     try:
         vault.delete(args.name)
     except SecretNotFound as e:

@@ -48,7 +48,6 @@ class Api:
         self.admin_token = admin_token
         self.notify = notify
         self._app: FastAPI | None = None
-        self.identity: Identity | None = None
 
     @property
     def local(self) -> bool:
@@ -60,9 +59,9 @@ class Api:
             s.home.mkdir(mode=0o700, parents=True, exist_ok=True)
             keys = load_hash_keys(open_vault(s.vault, home=s.home), s.vault, s.home)
             log = AuditLog(s.audit_file)
-            self.identity = Identity(open_store(s.db_url), keys.token, keys.admin, log.append)
+            identity = Identity(open_store(s.db_url), keys.token, keys.admin, log.append)
             app = FastAPI()
-            actor_dep = admin_api.install(app, self.identity, self.notify)
+            actor_dep = admin_api.install(app, identity, self.notify)
             root = Actor(id=cli_actor(), role="root", source="cli")
             app.dependency_overrides[actor_dep] = lambda: root
             self._app = app

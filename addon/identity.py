@@ -112,6 +112,11 @@ class Identity:
                                     target=target, source=actor.source,
                                     detail={k: v for k, v in detail.items() if v is not None}))
 
+    def audit_unauthenticated(self, source: str | None, path: str) -> None:
+        """An admin API call without a valid admin token."""
+        self._audit_sink(AuditEvent(action="admin.auth", actor="anonymous", outcome="refused",
+                                    source=source, target=path))
+
     def _require(self, actor: Actor, allowed: bool, action: str, target: str | None) -> None:
         if not allowed:
             self._audit(actor, action, target, "refused", role=actor.role)

@@ -23,8 +23,6 @@ pending_error: contextvars.ContextVar[tuple[str, bytes] | None] = contextvars.Co
     "agent_egress_pending_error", default=None
 )
 
-original_make_error_response = _http1.make_error_response
-
 
 def json_error_response(status_code: int, message: str = "") -> bytes:
     prepared = pending_error.get()

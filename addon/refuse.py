@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from .call import Call
+from .call import Call, new_request_id
 from .protocols.errors import openai_error_body
 
 
@@ -24,8 +24,6 @@ def refuse(
     retry_after: int | None = None,
     close: bool = False,
 ) -> None:
-    from .call import new_request_id
-
     request_id = call.request_id if call is not None else new_request_id()
     body = openai_error_body(
         f"agent-egress: {message} (request id {request_id})", type=type, code=code, param=param

@@ -44,5 +44,3 @@ class Metrics:
                                   registry=r)
         self.inflight = Gauge("agent_egress_inflight_calls", "Model calls in flight.",
                               registry=r)
-        self.ledger_backlog = Gauge("agent_egress_ledger_backlog_rows",
-                                    "Ledger rows not yet written.", registry=r)

@@ -140,37 +140,40 @@ class ChatStreamReader:
             if data == _DONE:
                 self.done = True
             return
-        s = self.summary
-        s.response_id = s.response_id or _str(obj.get("id"))
-        s.model = s.model or _str(obj.get("model"))
-        err = obj.get("error")
-        if isinstance(err, dict):
-            _apply_error(s, err)
-            s.status = "failed"
-        usage = obj.get("usage")
-        if isinstance(usage, dict):
-            s.usage = usage_from_chat(usage)
-        choices = obj.get("choices")
-        if isinstance(choices, list):
-            for choice in choices:
-                if isinstance(choice, dict):
-                    self._on_choice(choice)
+        _merge(self.summary, obj, "delta", self._seen_calls)
 
-    def _on_choice(self, choice: Mapping[str, Any]) -> None:
-        s = self.summary
+
+def _merge(s: ResponseSummary, obj: Mapping[str, Any], part: str, seen: set[str]) -> None:
+    """Fold one chat completion object (a stream chunk, `part` "delta", or a whole
+    response, `part` "message") into the summary."""
+    s.response_id = s.response_id or _str(obj.get("id"))
+    s.model = s.model or _str(obj.get("model"))
+    err = obj.get("error")
+    if isinstance(err, dict):
+        _apply_error(s, err)
+        s.status = "failed"
+    usage = obj.get("usage")
+    if isinstance(usage, dict):
+        s.usage = usage_from_chat(usage)
+    choices = obj.get("choices")
+    if not isinstance(choices, list):
+        return
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
         reason = _str(choice.get("finish_reason"))
         if reason:
             s.finish_reasons.append(reason)
             if s.status is None:
                 s.status = reason
-        delta = choice.get("delta")
-        calls = delta.get("tool_calls") if isinstance(delta, dict) else None
+        body = choice.get(part)
+        calls = body.get("tool_calls") if isinstance(body, dict) else None
         if isinstance(calls, list):
             for call in calls:
                 pair = _call(call)
                 # Some servers repeat id and name on every fragment of a call.
-                if pair and pair[0] not in self._seen_calls:
-                    self._seen_calls.add(pair[0])
+                if pair and pair[0] not in seen:
+                    seen.add(pair[0])
                     s.tool_calls.append(pair)
 
 
@@ -178,35 +181,8 @@ def read_body(body: bytes) -> ResponseSummary:
     """Summarise a non-streamed chat completion or error body; never raises."""
     s = ResponseSummary()
     obj = _loads(body)
-    if obj is None:
-        return s
-    err = obj.get("error")
-    if isinstance(err, dict):
-        _apply_error(s, err)
-        s.status = "failed"
-        return s
-    s.response_id = _str(obj.get("id"))
-    s.model = _str(obj.get("model"))
-    usage = obj.get("usage")
-    if isinstance(usage, dict):
-        s.usage = usage_from_chat(usage)
-    choices = obj.get("choices")
-    if isinstance(choices, list):
-        for choice in choices:
-            if not isinstance(choice, dict):
-                continue
-            reason = _str(choice.get("finish_reason"))
-            if reason:
-                s.finish_reasons.append(reason)
-            message = choice.get("message")
-            calls = message.get("tool_calls") if isinstance(message, dict) else None
-            if isinstance(calls, list):
-                for call in calls:
-                    pair = _call(call)
-                    if pair:
-                        s.tool_calls.append(pair)
-    if s.finish_reasons:
-        s.status = s.finish_reasons[0]
+    if obj is not None:
+        _merge(s, obj, "message", set())
     return s
 
 
