@@ -218,7 +218,8 @@ def install(app: FastAPI, identity: Identity,
 
     @r.get("/spend")
     def spend(who: Who,
-              by: Literal["team", "user", "model", "org", "key", "provider"] = "team",
+              by: Annotated[str, Query(description="team, user, model, org, key, provider"
+                                             " or tag:<name>")] = "team",
               since: Annotated[datetime | None, Query()] = None,
               until: Annotated[datetime | None, Query()] = None) -> list[dict[str, Any]]:
         return [spend_json(by, row) for row in identity.spend(who, by, since, until)]

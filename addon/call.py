@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
+from .budget_policy import Admission
 from .protocols.summary import ResponseSummary
 from .store.base import KeyRecord, LedgerRow
 
@@ -27,6 +29,13 @@ class StreamReader(Protocol):
     def feed(self, chunk: bytes) -> None: ...
 
     def close(self) -> None: ...
+
+
+class StreamWrapper(Protocol):
+    """Guardrails' output guard, as the stream tap sees it (addon/guard_output.py)."""
+
+    def wrap(self, flow: Any, inner: Callable[[bytes], Any]
+             ) -> Callable[[bytes], bytes | list[bytes]]: ...
 
 
 def new_request_id() -> str:
@@ -69,3 +78,20 @@ class Call:
     row: LedgerRow | None = None
     """The ledger row settle wrote; telemetry reads cost and outcome from it."""
     traced: bool = False
+    # failover (issue 8) -------------------------------------------------------
+    attempt: object | None = None
+    """The failover addon's per-call state (addon/failover.py ``Attempt``)."""
+    failover_reason: str | None = None
+    """Why this attempt failed over (e.g. status_503, connect_timeout, stream_cut): the
+    client was told to retry and the retry goes to another provider."""
+    route_events: list[tuple[str, int, dict[str, str]]] = field(default_factory=list)
+    """(name, unix ns, attributes) span events: failovers and breaker changes."""
+    # guardrails (issue 6) ------------------------------------------------------
+    guard_hits: list[tuple[str, str, str]] = field(default_factory=list)
+    """(rule, action, direction) of guardrail hits on this call (never the matched text)."""
+    output_guard: StreamWrapper | None = None
+    """Set by guard input when the caller's policy checks model output; guard output
+    wraps the response's stream callable with it."""
+    # budgets (issue 5) -----------------------------------------------------------
+    admission: Admission | None = None
+    """The budget/rate-limit reservation admit took; settle turns it into spend."""

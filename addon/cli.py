@@ -38,6 +38,7 @@ from .cli_admin import (
     remote_options,
     run_verb,
 )
+from .cli_budgets import add_budget_parsers, run_budget_verb
 from .policy import ConfigError, Settings, load_settings, resolve_home
 from .store.base import SpendRow, Store
 from .store.sql import open_store
@@ -301,6 +302,9 @@ def cmd_token_update(args: argparse.Namespace) -> int:
 
 
 def cmd_admin(args: argparse.Namespace) -> int:
+    if args.cmd in ("budget", "ratelimit"):
+        _print(flatten(run_budget_verb(_api(args), args)), args.format, args.columns)
+        return 0
     _print(flatten(run_verb(_api(args), args)), args.format, args.columns)
     return 0
 
@@ -334,7 +338,7 @@ def _cell(value: object) -> str:
 
 def render_spend(rows: list[SpendRow], by: str, fmt: str) -> str:
     if fmt == "json":
-        return json.dumps([{by: r.group, **{c: _cell(getattr(r, c)) if c == "cost_usd"
+        return json.dumps([{by: r.group, **{c: str(getattr(r, c)) if c == "cost_usd"
                                           else getattr(r, c) for c in SPEND_COLUMNS}}
                            for r in rows], indent=2)
     if fmt == "csv":
@@ -342,7 +346,8 @@ def render_spend(rows: list[SpendRow], by: str, fmt: str) -> str:
         w = csv.writer(buf, lineterminator="\n")
         w.writerow([by, *SPEND_COLUMNS])
         for r in rows:
-            w.writerow([r.group, *(_cell(getattr(r, c)) for c in SPEND_COLUMNS)])
+            # exact amounts (nano-USD precision): the CSV must sum to the ledger to the cent
+            w.writerow([r.group, *(str(getattr(r, c)) for c in SPEND_COLUMNS)])
         return buf.getvalue().rstrip("\n")
     table = [[by.upper(), *(c.upper() for c in SPEND_COLUMNS)]]
     table += [[r.group, *(_cell(getattr(r, c)) for c in SPEND_COLUMNS)] for r in rows]
@@ -354,7 +359,38 @@ def render_spend(rows: list[SpendRow], by: str, fmt: str) -> str:
     return "\n".join(lines)
 
 
+def spend_group(value: str) -> str:
+    if value in ("team", "user", "model", "org", "key", "provider") or (
+            value.startswith("tag:") and len(value) > 4):
+        return value
+    raise argparse.ArgumentTypeError(
+        f"{value!r}: one of org, team, user, key, model, provider, tag:<name>")
+
+
+def parse_period(value: str) -> tuple[datetime, datetime]:
+    """2026 | 2026-11 | 2026-11-25 -> [start, end) in UTC."""
+    try:
+        parts = [int(p) for p in value.split("-")]
+        if len(parts) == 1:
+            start = datetime(parts[0], 1, 1, tzinfo=UTC)
+            return start, start.replace(year=parts[0] + 1)
+        if len(parts) == 2:
+            start = datetime(parts[0], parts[1], 1, tzinfo=UTC)
+            end = (start + timedelta(days=32)).replace(day=1)
+            return start, end
+        if len(parts) == 3:
+            start = datetime(parts[0], parts[1], parts[2], tzinfo=UTC)
+            return start, start + timedelta(days=1)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{value!r}: a period is YYYY, YYYY-MM or YYYY-MM-DD")
+
+
 def cmd_spend(args: argparse.Namespace) -> int:
+    if args.period is not None:
+        if args.since or args.until:
+            raise ConfigError("--period and --since/--until are exclusive")
+        args.since, args.until = args.period
     if args.url:
         data = _api(args).call("GET", "/spend", params={
             "by": args.by, "since": args.since.isoformat() if args.since else None,
@@ -466,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     for q in (ti, tl, tr, tro, tu):
         remote_options(q)
     add_parsers(sub, cmd_admin)
+    add_budget_parsers(sub, cmd_admin)
 
     audit = sub.add_parser("audit", help="the hash-chained audit log").add_subparsers(
         dest="acmd", required=True)
@@ -478,8 +515,10 @@ def build_parser() -> argparse.ArgumentParser:
     at.set_defaults(func=cmd_audit_tail)
 
     spend = sub.add_parser("spend", help="spend report from the ledger")
-    spend.add_argument("--by", choices=("team", "user", "model", "org", "key", "provider"),
-                       default="team")
+    spend.add_argument("--by", type=spend_group, default="team",
+                       help="org, team, user, key, model, provider or tag:<name>")
+    spend.add_argument("--period", type=parse_period,
+                       help="a calendar month (2026-11), day (2026-11-25) or year, UTC")
     spend.add_argument("--since", type=parse_when, help="inclusive, UTC unless an offset is given")
     spend.add_argument("--until", type=parse_when, help="exclusive")
     spend.add_argument("--format", choices=("table", "csv", "json"), default="table")

@@ -22,6 +22,8 @@ from fastapi import FastAPI
 from agent_egress.exporters.audit import AuditLog, cli_actor
 
 from . import admin_api
+from .admin_limits import install_limits
+from .budget_policy import BudgetStatus, LimitBook
 from .hashkeys import load_hash_keys
 from .identity import Actor, Identity
 from .policy import Settings
@@ -62,6 +64,9 @@ class Api:
             identity = Identity(open_store(s.db_url), keys.token, keys.admin, log.append)
             app = FastAPI()
             actor_dep = admin_api.install(app, identity, self.notify)
+            install_limits(app, identity, actor_dep,
+                           LimitBook.from_config(s.budgets, s.rate_limits),
+                           lambda: asyncio.run(local_budget_status(s)))
             root = Actor(id=cli_actor(), role="root", source="cli")
             app.dependency_overrides[actor_dep] = lambda: root
             self._app = app
@@ -222,3 +227,20 @@ def flatten(data: Any) -> Any:
 def fail(e: ApiError) -> int:
     print(f"agent-egress: {e}", file=sys.stderr)
     return 1
+
+
+async def local_budget_status(settings: Settings) -> list[BudgetStatus]:
+    """Budget status from this machine's limiter (SQL, or the configured Redis)."""
+    from agent_egress.exporters.prometheus import Metrics
+
+    from .budgets import Budgets
+    from .limiter.factory import open_limiter
+
+    store = open_store(settings.db_url)
+    budgets = Budgets(settings, store, open_limiter(settings, store), Metrics())
+    try:
+        await budgets.refresh()
+        return await budgets.status()
+    finally:
+        await budgets.limiter.close()
+        store.close()

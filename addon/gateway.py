@@ -22,18 +22,26 @@ from agent_egress.exporters.prometheus import Metrics
 
 from . import admin_api, mitm_internals
 from .admin import AdminServer, build_app
+from .admin_limits import install_limits
+from .admit import Admit
 from .authenticate import Authenticate
 from .authorize import Authorize
+from .budgets import Budgets
 from .call import METADATA_KEY
 from .classify import Classify
+from .failover import FailoverErrors, FailoverState, FailoverTap
 from .guard_input import GuardInput
+from .guard_output import GuardOutput, Recorder
+from .guardrails.cache import VerdictCache
+from .guardrails.engine import Guardrails
 from .hashkeys import load_hash_keys
 from .identity import Identity
 from .keycache import KeyCache
 from .keyring import Keyring
 from .ledger import LedgerWriter
+from .limiter.factory import open_limiter
 from .logs import install_redaction
-from .policy import Settings
+from .policy import ConfigError, Settings
 from .pricing import price_call
 from .protocols.usage import Usage
 from .route import Route, Upstream
@@ -96,9 +104,12 @@ class Gateway:
     keys: KeyCache
     audit: AsyncAuditWriter
     revocations: RevocationBus | None = None
+    failover: FailoverState | None = None  # failover (issue 8)
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _master_task: asyncio.Task[None] | None = None
     _sweeper: asyncio.Task[None] | None = None
+    budgets: Budgets | None = None  # budgets (issue 5)
+    _budget_task: asyncio.Task[None] | None = None
 
     async def _sweep_sessions(self, tracer: SessionTracer) -> None:
         while True:
@@ -126,6 +137,10 @@ class Gateway:
         checks["provider_key"] = {"ok": has_key, "provider": provider.name, "key": provider.key}
         if not has_key:
             checks["provider_key"]["fix"] = f"agent-egress vault set {provider.key}"
+        if self.failover is not None:  # failover (issue 8): informational, never fails
+            board = self.failover.breakers
+            checks["breakers"] = {"ok": True, "providers": board.snapshot(),
+                                  **({} if board.redis is None else {"redis": board.redis_ok})}
         checks["listeners"] = {"ok": bool(self.listen_addrs()) and not self.classify.draining,
                                "draining": self.classify.draining}
         if self.revocations is not None:
@@ -152,6 +167,10 @@ class Gateway:
         self.master.shutdown()
         if self._master_task is not None:
             await self._master_task
+        if self._budget_task is not None:
+            self._budget_task.cancel()
+        if self.budgets is not None:
+            await self.budgets.close()  # settles still in flight, before the audit closes
         await self.writer.close()
         await self.audit.close()
         if self._sweeper is not None:
@@ -160,6 +179,8 @@ class Gateway:
             await asyncio.to_thread(self.tracer.shutdown, 5000)  # ends open turns; bounded flush
         await self.keyring.stop()
         await self.keys.stop()
+        if self.failover is not None:
+            await self.failover.breakers.stop()
         if self.revocations is not None:
             await self.revocations.close()
         await self.admin.stop()
@@ -250,17 +271,41 @@ async def start(settings: Settings) -> Gateway:
     tracer = None if tracer_provider is None else SessionTracer(
         tracer_provider, session_ttl_s=settings.telemetry.traces.session_ttl_seconds)
     upstreams = [Upstream.from_url(p.base_url) for p in settings.providers]
+    failover = FailoverState(settings.failover, providers, metrics,  # failover (issue 8)
+                             redis_url=settings.redis_url, redis_prefix=settings.redis_prefix)
+    failover.breakers.start()
     classify = Classify({(u.host, u.port) for u in upstreams}, settings.limits.max_body_bytes)
+    budgets = Budgets(settings, store, open_limiter(settings, store, metrics), metrics, audit)
+    await budgets.refresh()
     inflight = Inflight(metrics)
+    # guardrails (issue 6): engines are built here, off the loop (Presidio imports spaCy)
+    gcfg = settings.guardrails
+    guardrails = Guardrails(gcfg) if gcfg.enabled else None
+    if guardrails is not None:
+        try:
+            await asyncio.to_thread(guardrails.warm)
+        except ValueError as e:  # e.g. an injection classifier that does not import
+            raise ConfigError(f"guardrails: {e}") from None
+    recorder = Recorder(metrics, audit)
+    guard_input = GuardInput(
+        settings.limits.max_body_bytes, guardrails,
+        VerdictCache.from_url(settings.redis_url, settings.redis_prefix, gcfg.cache_entries,
+                              gcfg.cache_ttl_seconds),
+        recorder, gcfg.holdback_chars, gcfg.inline_scan_bytes)
     chain = [
         classify,
         inflight,
         Authenticate(keys, hash_keys.token),
-        GuardInput(settings.limits.max_body_bytes),
+        guard_input,
         Authorize(settings.provider().name),
-        Route(settings.provider(), keyring),
+        Admit(budgets),
+        Route(providers, settings.provider().name, settings.routes, keyring, failover),
         StreamTap(),
-        Settle(providers, writer, metrics, exemplars=tracer is not None, audit=audit),
+        FailoverTap(failover, Route.key_for),  # after the tap: wraps it to translate
+        Settle(providers, writer, metrics, exemplars=tracer is not None, audit=audit,
+               budgets=budgets),
+        FailoverErrors(failover, Route.key_for),  # after settle: its own 502 message wins
+        GuardOutput(recorder),  # guardrails: after the failover tap and settle (see module)
     ]
     if tracer is not None:
         chain.append(Telemetry(tracer, providers))
@@ -275,7 +320,7 @@ async def start(settings: Settings) -> Gateway:
     ahost, aport = _split(settings.listen.admin)
     gw = Gateway(settings, store, keyring, writer, metrics, master, classify, inflight,
                  AdminServer(build_app(metrics, lambda: gw.readiness(), keys), ahost, aport),
-                 tracer, keys, audit, revocations)
+                 tracer, keys, audit, revocations, failover)
     gw._master_task = asyncio.get_running_loop().create_task(master.run())
     expected = len(opts.mode)
     for _ in range(500):
@@ -300,10 +345,14 @@ async def start(settings: Settings) -> Gateway:
             future = asyncio.run_coroutine_threadsafe(revocations.publish(key_id), loop)
             future.add_done_callback(lambda f: f.exception())  # unreachable Redis: poll covers
 
-    admin_api.install(gw.admin.app, identity, on_key_change)
+    actor_dep = admin_api.install(gw.admin.app, identity, on_key_change)
+    install_limits(gw.admin.app, identity, actor_dep, budgets.base,  # budgets (issue 5)
+                   lambda: asyncio.run_coroutine_threadsafe(budgets.status(), loop).result(10))
     await gw.admin.start()
     if tracer is not None:
         gw._sweeper = asyncio.get_running_loop().create_task(gw._sweep_sessions(tracer))
+    gw.budgets = budgets
+    gw._budget_task = asyncio.get_running_loop().create_task(budgets.run())
     return gw
 
 

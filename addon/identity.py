@@ -147,6 +147,32 @@ class Identity:
             raise NotFound(f"no key {key_id!r}")
         return found
 
+    def require(self, actor: Actor, *, org_id: str | None, team_id: str | None, write: bool,
+                action: str, target: str | None) -> None:
+        """Refuse (and audit) unless the actor may read/write within that org and team."""
+        allowed = (self._writes if write else self._reads)(actor, org_id, team_id)
+        self._require(actor, allowed, action, target)
+
+    def audit(self, actor: Actor, action: str, target: str | None,
+              **detail: str | int | bool | None) -> None:
+        self._audit(actor, action, target, "ok", **detail)
+
+    def scope_owner(self, kind: str, name: str) -> tuple[str | None, str | None]:
+        """(org id, team id) a budget scope belongs to, for authorization."""
+        if kind == "key":
+            k = self._key(name)
+            return k.org_id, k.team_id
+        org_name, _, rest = name.partition("/")
+        org = self.store.find_entity("org", org_name)
+        if org is None:
+            raise NotFound(f"no org {org_name!r}")
+        if kind == "org":
+            return org.id, None
+        found = self.store.find_entity("team" if kind == "team" else "user", rest, org.id)
+        if found is None:
+            raise NotFound(f"no {kind} {rest!r} in org {org_name!r}")
+        return org.id, found.id if kind == "team" else found.team_id
+
     # orgs, teams, users -------------------------------------------------
     def create_org(self, actor: Actor, name: str) -> Entity:
         self._require(actor, actor.role == "root", "org.create", name)
@@ -345,4 +371,7 @@ class Identity:
             if actor.team_id is not None:
                 team = self._entity("team", actor.team_id).name
         self._audit(actor, "spend.read", org or "all", by=by)
-        return self.store.spend(by, since, until, org=org, team=team)
+        try:
+            return self.store.spend(by, since, until, org=org, team=team)
+        except ValueError as e:
+            raise Invalid(str(e)) from None

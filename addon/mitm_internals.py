@@ -11,8 +11,10 @@ by our hook carries the request id and client-format body into the page.
 from __future__ import annotations
 
 import contextvars
+from typing import Any
 
-from mitmproxy import http, version
+from mitmproxy import ctx, http, version
+from mitmproxy.connection import ConnectionState, Server
 from mitmproxy.net.http import http1
 from mitmproxy.proxy.layers.http import _http1
 
@@ -57,3 +59,86 @@ def install() -> None:
 
 def installed() -> bool:
     return _http1.make_error_response is json_error_response
+
+
+# --- failover (issue 8): ending an upstream connection from outside the layer -----------
+# mitmproxy 11 has no connect or response timeout and no API to drop a server
+# connection. Its connection handler (one per client connection, in
+# ``proxyserver.connections`` by client id) runs one task per server connection:
+# the connecting task, then the reading one. Cancelling that task is what
+# ``ConnectionHandler.close_connection`` itself does; mitmproxy then reports the
+# flow as failed (a JSON 502 before response headers, a closed client connection
+# after them) and calls the ``error`` hook.
+
+
+def _handler(client: Any) -> Any | None:
+    """The proxyserver's ConnectionHandler for a client connection, if it is still live."""
+    try:
+        proxyserver = ctx.master.addons.get("proxyserver")
+    except AttributeError:  # no master (unit tests without one)
+        return None
+    connections = getattr(proxyserver, "connections", None)
+    return None if connections is None else connections.get(client.id)
+
+
+def _cancel(handler: Any, server: Any, reason: str) -> bool:
+    io = handler.transports.get(server)
+    task = getattr(io, "handler", None)
+    if task is None or task.done():
+        return False
+    server.state = ConnectionState.CLOSED  # as close_connection() does before cancelling
+    task.cancel(reason)
+    return True
+
+
+def abort_connecting(flow: http.HTTPFlow, address: tuple[str, int], reason: str) -> bool:
+    """Cancel a connection attempt to ``address`` for this flow's client (connect timeout).
+
+    While connecting, ``flow.server_conn`` is not yet the new connection, so it is
+    found among the handler's transports: same address, TCP setup not done.
+    """
+    handler = _handler(flow.client_conn)
+    if handler is None:
+        return False
+    for conn in list(handler.transports):
+        if (isinstance(conn, Server) and conn.address is not None
+                and tuple(conn.address[:2]) == address and conn.timestamp_tcp_setup is None):
+            return _cancel(handler, conn, reason)
+    return False
+
+
+def connected_to(flow: http.HTTPFlow, address: tuple[str, int]) -> bool:
+    """Is the flow's upstream connection to ``address`` established?"""
+    conn = flow.server_conn
+    return (conn.address is not None and tuple(conn.address[:2]) == address
+            and conn.timestamp_tcp_setup is not None)
+
+
+def close_server(flow: http.HTTPFlow, reason: str) -> bool:
+    """Drop the flow's established upstream connection (response or idle timeout)."""
+    handler = _handler(flow.client_conn)
+    return handler is not None and _cancel(handler, flow.server_conn, reason)
+
+
+# --- guardrails (issue 6): stop a stream early and end the client's response cleanly -----
+def close_upstream(flow: http.HTTPFlow, last: bytes = b"") -> bytes:
+    """Stop the provider's stream now; the client's response ends after ``last``.
+
+    Called from a response stream callable. Returns what the callable must
+    return for this chunk: ``last`` followed by the end of the body. With chunked
+    transfer encoding we frame ``last`` and the terminating chunk ourselves and
+    drop the header from the (shared) response object, so mitmproxy writes no
+    second terminator when the upstream is then cut; ``connection: close`` makes
+    it close the client connection afterwards. The client sees a complete body
+    (a clean end, DESIGN §4b), not a transport error it would retry.
+    """
+    out = last
+    resp = flow.response
+    if resp is not None:
+        if "chunked" in resp.headers.get("transfer-encoding", "").lower():
+            framed = b"%x\r\n%s\r\n" % (len(last), last) if last else b""
+            out = framed + b"0\r\n\r\n"
+            del resp.headers["transfer-encoding"]
+        resp.headers["connection"] = "close"
+    close_server(flow, "agent-egress: stream stopped by the gateway")
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from decimal import Decimal
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -17,6 +18,8 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .budget_policy import Budgets, RateLimits
+from .guardrails.config import GuardrailsConfig
 from .pricing import ModelPrice
 from .vault.spec import FileVaultSpec, VaultSpec
 
@@ -72,6 +75,60 @@ class PriceOverride(_Strict):
         )
 
 
+# --- failover (issue 8): timeouts, routes, breaker ---
+class ProviderTimeouts(_Strict):
+    """Seconds; mitmproxy itself has no connect or response timeout."""
+
+    connect: float = Field(default=5.0, gt=0)
+    headers: float = Field(default=60.0, gt=0)
+    """Request start to response headers, for streamed calls (a plain call waits for `total`)."""
+    idle: float = Field(default=240.0, gt=0)
+    """Longest silence between stream chunks; below Codex's own 300 s idle timeout."""
+    total: float = Field(default=3600.0, gt=0)
+
+
+class RouteRule(_Strict):
+    """Calls whose model matches `model` (a glob) go to `providers`, in order of preference."""
+
+    model: str = "*"
+    providers: list[str] = Field(min_length=1)
+    weights: list[int] | None = None
+    """Optional: the first provider of a session is drawn by weight (per session id), the
+    others follow in list order as fallbacks."""
+
+    @model_validator(mode="after")
+    def _weights(self) -> RouteRule:
+        if self.weights is not None and (len(self.weights) != len(self.providers)
+                                         or any(w < 0 for w in self.weights)
+                                         or not any(self.weights)):
+            raise ValueError("weights: one non-negative weight per provider, not all zero")
+        return self
+
+
+class BreakerSettings(_Strict):
+    failures: int = Field(default=5, ge=1)
+    """Failures within `window_seconds` that open a provider key's breaker."""
+    window_seconds: float = Field(default=30.0, gt=0)
+    open_seconds: float = Field(default=30.0, gt=0)
+    """How long an open breaker refuses traffic before half-open probes."""
+    half_open_probes: int = Field(default=1, ge=1)
+    """Calls let through at once while half-open; one success closes the breaker."""
+    sync_seconds: float = Field(default=0.5, gt=0)
+    """With Redis: how often a replica reads the shared breaker state."""
+
+
+class FailoverSettings(_Strict):
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+    retry_status: Literal[503, 429] = 503
+    """What the client gets when its retry will go to another provider: 503 (Codex retries
+    after ~0.2 s, silently) or 429 with Retry-After: 0 (~15 ms, but Codex prints
+    "Reconnecting... n/5" and retries at most 5 times)."""
+    retry_memory_seconds: float = Field(default=120.0, gt=0)
+    """How long a failed request is remembered so its byte-identical retry goes elsewhere."""
+    sticky_seconds: float = Field(default=3600.0, gt=0)
+    """A session stays on the provider it started on (prompt cache) while idle less than this."""
+
+
 class ProviderKey(_Strict):
     """A vault key used for the calls that match every selector given (empty: ignored)."""
 
@@ -88,7 +145,7 @@ class ProviderKey(_Strict):
 
 class Provider(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
-    kind: Literal["openai", "openai_compatible"] = "openai"
+    kind: Literal["openai", "azure_openai", "openai_compatible"] = "openai"
     base_url: str
     """Provider API root including the version path, e.g. https://api.openai.com/v1."""
     key: str
@@ -99,6 +156,14 @@ class Provider(_Strict):
     """USD per million tokens by model name or glob; wins over genai-prices."""
     price_as: str | None = None
     """genai-prices provider id to price with (default: 'openai' for kind openai)."""
+    # --- failover (issue 8) ---
+    models: dict[str, str] = Field(default_factory=dict)
+    """Requested model (name or glob) -> this provider's model name (Azure: deployment)."""
+    chat_only: bool = False
+    """Speaks only Chat Completions: Responses calls are translated both ways."""
+    api_version: str | None = None
+    """azure_openai: `api-version` query (classic API); None for Azure's /openai/v1 API."""
+    timeouts: ProviderTimeouts = Field(default_factory=lambda: ProviderTimeouts())
 
     @field_validator("base_url")
     @classmethod
@@ -112,6 +177,12 @@ class Provider(_Strict):
 
     def key_for(self, org: str, team: str, tags: Mapping[str, str]) -> str:
         return next((k.name for k in self.keys if k.matches(org, team, tags)), self.key)
+
+    def model_for(self, requested: str) -> str:
+        """This provider's name for a requested model (exact key first, then globs)."""
+        if requested in self.models:
+            return self.models[requested]
+        return next((v for k, v in self.models.items() if fnmatchcase(requested, k)), requested)
 
     @property
     def pricing_provider_id(self) -> str | None:
@@ -166,11 +237,20 @@ class Settings(_Strict):
         ]
     )
     default_provider: str | None = None
-    """Provider used for every model call (routing rules come later); default: the first."""
+    """Provider for calls no route matches; default: the first."""
+    # --- failover (issue 8) ---
+    routes: list[RouteRule] = Field(default_factory=list)
+    """First matching rule wins; none: the default provider."""
+    failover: FailoverSettings = Field(default_factory=FailoverSettings)
     limits: Limits = Field(default_factory=Limits)
     shutdown: Shutdown = Field(default_factory=Shutdown)
     telemetry: Telemetry = Field(default_factory=Telemetry)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # --- budgets and rate limits (issue 5) ---
+    budgets: Budgets = Field(default_factory=Budgets)
+    rate_limits: RateLimits = Field(default_factory=RateLimits)
+    # --- guardrails (issue 6) ---
+    guardrails: GuardrailsConfig = Field(default_factory=GuardrailsConfig)
 
     @model_validator(mode="after")
     def _providers(self) -> Settings:
@@ -183,6 +263,10 @@ class Settings(_Strict):
             raise ValueError(
                 f"default_provider: {self.default_provider!r} is not one of the providers {names}"
             )
+        for i, rule in enumerate(self.routes):  # failover (issue 8)
+            unknown = [p for p in rule.providers if p not in names]
+            if unknown:
+                raise ValueError(f"routes.{i}.providers: {unknown} are not providers {names}")
         return self
 
     @property

@@ -23,6 +23,7 @@ def refuse(
     param: str | None = None,
     retry_after: int | None = None,
     close: bool = False,
+    final: bool = False,
 ) -> None:
     request_id = call.request_id if call is not None else new_request_id()
     body = openai_error_body(
@@ -38,6 +39,8 @@ def refuse(
         headers["retry-after"] = str(int(retry_after))
     if close:
         headers["connection"] = "close"
+    if final:
+        headers["x-should-retry"] = "false"  # honoured by Anthropic/Stainless clients
     flow.response = http.Response.make(status, body, headers)
     if call is not None:
         call.refused = code

@@ -19,6 +19,7 @@ from agent_egress.exporters.otel import SessionTracer
 from agent_egress.exporters.prometheus import Metrics
 
 from . import mitm_internals
+from .budgets import Budgets
 from .call import METADATA_KEY, Call
 from .ledger import LedgerWriter
 from .policy import Provider
@@ -55,7 +56,7 @@ def outcome_of(call: Call, estimated: bool) -> str:
 class Settle:
     def __init__(self, providers: dict[str, Provider], writer: LedgerWriter,
                  metrics: Metrics, exemplars: bool = False,
-                 audit: AsyncAuditWriter | None = None) -> None:
+                 audit: AsyncAuditWriter | None = None, budgets: Budgets | None = None) -> None:
         self.providers = providers
         self.prices: dict[str, dict[str, ModelPrice]] = {
             name: {m: o.to_model_price() for m, o in p.prices.items()}
@@ -66,6 +67,7 @@ class Settle:
         self.exemplars = exemplars
         self.audit = audit
         """Attach the session's trace id to latency and cost samples (when traces are on)."""
+        self.budgets = budgets
         self._warned: set[tuple[str, str]] = set()
         self.max_unpriced_labels = 100  # model names come from responses: bound the series
 
@@ -76,6 +78,8 @@ class Settle:
         if call.refused is not None:
             self.metrics.refusals.labels(call.refused).inc()
             call.settled = True
+            if self.budgets is not None:
+                self.budgets.finish(call, None)  # refused after admit: give the reservation back
             if self.audit is not None:
                 peer = flow.client_conn.peername
                 self.audit.submit(AuditEvent(
@@ -98,6 +102,8 @@ class Settle:
             except ValueError:
                 call.summary = reader_mod.read_body(b"")
         self._settle(call)
+        if self.budgets is not None:
+            self.budgets.finish(call, call.row)  # no-op when settled with a row above
 
     def error(self, flow: http.HTTPFlow) -> None:
         call: Call | None = flow.metadata.get(METADATA_KEY)
@@ -113,6 +119,8 @@ class Settle:
                 type="server_error", code="upstream_unreachable")))
         if call.refused is None and call.provider is not None:
             self._settle(call)
+        if self.budgets is not None:
+            self.budgets.finish(call, call.row)  # no row: the call never reached a provider
 
     def _settle(self, call: Call) -> None:
         if call.settled or call.principal is None or call.provider is None:
@@ -168,6 +176,8 @@ class Settle:
         )
         call.row = row
         self.writer.submit(row)
+        if self.budgets is not None:
+            self.budgets.finish(call, row)
         self._observe(call, row, usage, now)
 
     def _observe(self, call: Call, row: LedgerRow, usage: Usage, now: float) -> None:

@@ -53,6 +53,7 @@ def call_trace(call: Call, provider: Provider) -> CallTrace | None:
         tool_output_ids=call.tool_output_ids,
         traceparent=call.traceparent,
         tags=call.tags,
+        events=tuple(call.route_events),  # failover (issue 8)
     )
 
 

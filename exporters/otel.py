@@ -142,6 +142,8 @@ class CallTrace:
     """call_ids of function_call_output items in the request input (whole history)."""
     traceparent: str | None
     tags: Mapping[str, str] = field(default_factory=dict)
+    # failover (issue 8): (name, unix ns, attributes) of failovers and breaker changes
+    events: tuple[tuple[str, int, Mapping[str, str]], ...] = ()
 
 
 def _usage_attrs(attrs: Attrs, u: Usage) -> None:
@@ -404,6 +406,8 @@ class SessionTracer:
         name = f"chat {call.request_model}" if call.request_model else "chat"
         span = self._tracer.start_span(name, parent, SpanKind.CLIENT, attrs,
                                        _link(call.traceparent), start_time=call.start_ns)
+        for ev_name, ev_ns, ev_attrs in call.events:  # failover (issue 8)
+            span.add_event(ev_name, dict(ev_attrs), timestamp=ev_ns)
         if failed:
             span.set_status(Status(StatusCode.ERROR))
         span.end(end_time=max(call.end_ns, call.start_ns))

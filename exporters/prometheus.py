@@ -44,3 +44,49 @@ class Metrics:
                                   registry=r)
         self.inflight = Gauge("agent_egress_inflight_calls", "Model calls in flight.",
                               registry=r)
+        # budgets and rate limits (issue 5): one series per configured budget
+        budget = ["scope_kind", "scope", "period", "mode"]
+        self.budget_limit_usd = Gauge("agent_egress_budget_limit_usd",
+                                      "Budget limit per scope and period.", budget, registry=r)
+        self.budget_spent_usd = Gauge("agent_egress_budget_spent_usd",
+                                      "Spend in the budget's current period.", budget,
+                                      registry=r)
+        self.budget_reserved_usd = Gauge("agent_egress_budget_reserved_usd",
+                                         "Reserved by calls in flight.", budget, registry=r)
+        self.budget_remaining_usd = Gauge("agent_egress_budget_remaining_usd",
+                                          "Limit minus spent minus reserved.", budget,
+                                          registry=r)
+        self.budget_limit_tokens = Gauge("agent_egress_budget_limit_tokens",
+                                         "Token budget limit per scope and period.", budget,
+                                         registry=r)
+        self.budget_spent_tokens = Gauge("agent_egress_budget_spent_tokens",
+                                         "Tokens used in the budget's current period.", budget,
+                                         registry=r)
+        self.budget_remaining_tokens = Gauge("agent_egress_budget_remaining_tokens",
+                                             "Token limit minus used minus reserved.", budget,
+                                             registry=r)
+        self.budget_exceeded = Counter("agent_egress_budget_exceeded",
+                                       "Budgets whose spend passed their limit (soft: alert"
+                                       " only; hard: calls now refused).", budget, registry=r)
+        self.limits_degraded = Gauge("agent_egress_limits_degraded",
+                                     "1 while Redis is unreachable and limits are counted"
+                                     " in-process (fail open) or refused (fail closed).",
+                                     registry=r)
+        # failover (issue 8)
+        self.failovers = Counter("agent_egress_failovers",
+                                 "Calls sent to another provider than the preferred one.",
+                                 ["from_provider", "to_provider", "reason"], registry=r)
+        self.breaker_state = Gauge("agent_egress_breaker_state",
+                                   "Circuit breaker per provider key: 0 closed, 1 half-open,"
+                                   " 2 open.", ["provider", "key"], registry=r)
+        self.breaker_changes = Counter("agent_egress_breaker_transitions",
+                                       "Circuit breaker state changes.",
+                                       ["provider", "key", "to_state"], registry=r)
+        self.stream_cuts = Counter("agent_egress_stream_cuts",
+                                   "Upstream streams that ended before completing, by reason.",
+                                   ["provider", "reason"], registry=r)
+        # guardrails (issue 6): rule is the check and rule name (e.g. secrets.aws_access_key),
+        # bounded by the config; never the matched text
+        self.guardrail_hits = Counter("agent_egress_guardrail_hits",
+                                      "Guardrail findings, by rule, action and direction.",
+                                      ["rule", "action", "direction", "team"], registry=r)

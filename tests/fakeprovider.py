@@ -240,6 +240,12 @@ class FakeProvider:
         self.cut_stream_after: int | None = None  # events sent before the stream stops
         self.cut_stream_abort = False  # True: drop the connection instead of a clean EOF
         self.extra_headers: dict[str, str] = {}  # added to every response
+        # failover knobs (issue 8); defaults change nothing
+        self.hang_before_headers = 0.0  # seconds a model endpoint waits before answering
+        self.hang_mid_stream_after: int | None = None  # events sent before a mid-stream pause
+        self.hang_mid_stream = 0.0  # seconds of that pause
+        self.chat_only = False  # /responses and /responses/compact answer 404 (Chat only)
+        self.chat_tool_calls = False  # /chat/completions runs the shell-tool loop too
 
     def reset(self) -> None:
         """Knobs back to the constructor's values, and ``clear()``: one server can be
@@ -382,14 +388,28 @@ class FakeProvider:
     async def _stream(self, events: list[bytes]) -> AsyncIterator[bytes]:
         """Yield events with ``event_delay`` between them, honouring ``cut_stream_after``."""
         cut, abort, delay = self.cut_stream_after, self.cut_stream_abort, self.event_delay
+        hang_at, hang = self.hang_mid_stream_after, self.hang_mid_stream
         for i, ev in enumerate(events):
             if cut is not None and i >= cut:
                 if abort:
                     raise _CutStream("cut_stream_after")
                 return
+            if hang_at is not None and i == hang_at and hang > 0:
+                await asyncio.sleep(hang)
             if i and delay > 0:
                 await asyncio.sleep(delay)
             yield ev
+
+    async def _before_answer(self, rec: RecordedRequest) -> Response | None:
+        """Failover knobs: a Chat-only server's 404, or a wait before the headers."""
+        if self.hang_before_headers > 0:
+            await asyncio.sleep(self.hang_before_headers)
+        if self.chat_only and "/responses" in rec.path:
+            rec.status, rec.kind = 404, "not_found"
+            body = FakeError(404, f"Unknown path POST {rec.path}", "invalid_request_error",
+                             "unknown_url").body()
+            return JSONResponse(body, status_code=404, headers=self._headers())
+        return None
 
     async def _not_found(self, request: Request) -> Response:
         rec = await self._record(request)
@@ -563,6 +583,8 @@ class FakeProvider:
 
     async def _responses(self, request: Request) -> Response:
         rec = await self._record(request)
+        if (early := await self._before_answer(rec)) is not None:
+            return early
         if (fail := self._pop_failure(rec)) is not None:
             return fail
         body = rec.json if isinstance(rec.json, dict) else {}
@@ -667,6 +689,8 @@ class FakeProvider:
 
     async def _compact(self, request: Request) -> Response:
         rec = await self._record(request)
+        if (early := await self._before_answer(rec)) is not None:
+            return early
         if (fail := self._pop_failure(rec)) is not None:
             return fail
         body = rec.json if isinstance(rec.json, dict) else {}
@@ -700,8 +724,29 @@ class FakeProvider:
         )
 
     # ------------------------------------------------------------------ chat
+    def _chat_tool_call(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """With ``chat_tool_calls``: a shell tool call while the turn (messages after the
+        last user message) holds fewer than ``tool_calls`` of this fake's tool results."""
+        tools = body.get("tools")
+        if not self.chat_tool_calls or not isinstance(tools, list) or not tools:
+            return None
+        msgs = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+        last_user = max((i for i, m in enumerate(msgs) if m.get("role") == "user"), default=-1)
+        done = sum(1 for m in msgs[last_user + 1 :] if m.get("role") == "tool"
+                   and str(m.get("tool_call_id", "")).startswith(CALL_ID_PREFIX))
+        if done >= self.tool_calls:
+            return None
+        flat = [{"type": "function", **(t.get("function") or {})} for t in tools
+                if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+        item = self._shell_call(flat)
+        return {"id": item["call_id"], "type": "function",
+                "function": {"name": item.get("name", "shell"),
+                             "arguments": item.get("arguments", "{}")}}
+
     async def _chat(self, request: Request) -> Response:
         rec = await self._record(request)
+        if (early := await self._before_answer(rec)) is not None:
+            return early
         if (fail := self._pop_failure(rec)) is not None:
             return fail
         body = rec.json if isinstance(rec.json, dict) else {}
@@ -709,6 +754,23 @@ class FakeProvider:
         cid, created = self._next_id("chatcmpl-fake"), int(time.time())
         headers = self._headers()
         rec.status, rec.kind = 200, "chat"
+        tool_call = self._chat_tool_call(body)
+        if tool_call is not None:
+            rec.kind = "chat_tool_call"
+        if not body.get("stream") and tool_call is not None:
+            return JSONResponse(
+                {
+                    "id": cid,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [{"index": 0, "finish_reason": "tool_calls", "logprobs": None,
+                                 "message": {"role": "assistant", "content": None,
+                                             "tool_calls": [tool_call]}}],
+                    "usage": self.usage.chat(),
+                },
+                headers=headers,
+            )
         if not body.get("stream"):
             return JSONResponse(
                 {
@@ -752,9 +814,22 @@ class FakeProvider:
                 [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
             )
         ]
-        for piece in _split(self.answer_text, self.delta_count):
-            events.append(chunk([{"index": 0, "delta": {"content": piece}, "finish_reason": None}]))
-        events.append(chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}]))
+        if tool_call is not None:  # streamed like OpenAI: id and name first, then arguments
+            fn = tool_call["function"]
+            head = {"index": 0, "id": tool_call["id"], "type": "function",
+                    "function": {"name": fn["name"], "arguments": ""}}
+            events.append(chunk([{"index": 0, "delta": {"tool_calls": [head]},
+                                  "finish_reason": None}]))
+            for piece in _split(fn["arguments"], 2):
+                frag = {"index": 0, "function": {"arguments": piece}}
+                events.append(chunk([{"index": 0, "delta": {"tool_calls": [frag]},
+                                      "finish_reason": None}]))
+            events.append(chunk([{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]))
+        else:
+            for piece in _split(self.answer_text, self.delta_count):
+                events.append(
+                    chunk([{"index": 0, "delta": {"content": piece}, "finish_reason": None}]))
+            events.append(chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}]))
         if include_usage:
             events.append(chunk([], usage=self.usage.chat()))
         events.append(b"data: [DONE]\n\n")

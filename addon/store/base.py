@@ -11,10 +11,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from ..budget_policy import BudgetSpec, RateSpec, Window
 
 NANO = Decimal("1e-9")
-SpendGroup = Literal["team", "user", "model", "org", "key", "provider", "session"]
+SpendGroup = str
+"""team, user, model, org, key, provider, session, or tag:<name>."""
 KeyState = Literal["active", "expired", "revoked", "disabled"]
 Role = Literal["org-admin", "team-admin", "viewer"]
 ROLES: tuple[Role, ...] = ("org-admin", "team-admin", "viewer")
@@ -249,6 +253,34 @@ class Store(abc.ABC):
         *, org: str | None = None, team: str | None = None,
     ) -> list[SpendRow]:
         """Spend grouped by `by`; org/team (names) narrow it to one scope."""
+
+    # -- budgets and rate limits set through the admin API (config ones are not here)
+
+    @abc.abstractmethod
+    def budget_sums(self, windows: Sequence[Window]) -> dict[str, tuple[int, int]]:
+        """Ledger spend (nano-USD, tokens) per counter id (scope|window) since each window."""
+
+    @abc.abstractmethod
+    def list_budgets(self) -> list[tuple[str, BudgetSpec]]: ...
+
+    @abc.abstractmethod
+    def set_budget(self, scope: str, spec: BudgetSpec, by: str) -> None: ...
+
+    @abc.abstractmethod
+    def delete_budget(self, scope: str, period: str) -> bool: ...
+
+    @abc.abstractmethod
+    def list_rate_limits(self) -> list[tuple[str, RateSpec]]: ...
+
+    @abc.abstractmethod
+    def set_rate_limit(self, scope: str, spec: RateSpec, by: str) -> None: ...
+
+    @abc.abstractmethod
+    def delete_rate_limit(self, scope: str) -> bool: ...
+
+    @abc.abstractmethod
+    def limits_fingerprint(self) -> tuple[object, ...]:
+        """Changes whenever a stored budget or rate limit changes; polled by gateways."""
 
     @abc.abstractmethod
     def close(self) -> None: ...

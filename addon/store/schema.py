@@ -136,3 +136,47 @@ ledger = Table(
     Index("ix_ledger_team_ts", "team", "ts"),
     Index("ix_ledger_session", "session_id"),
 )
+
+# Budgets and rate limits (0003). Counters and reservations are the embedded
+# limiter's live state; with Redis they live there and these stay empty.
+budget_counters = Table(
+    "budget_counters",
+    metadata,
+    Column("counter", String(300), primary_key=True),  # <scope>|<window>
+    Column("nano", BigInteger, nullable=False, default=0),
+    Column("tokens", BigInteger, nullable=False, default=0),
+)
+
+budget_reservations = Table(
+    "budget_reservations",
+    metadata,
+    Column("res_id", String(40), primary_key=True),
+    Column("counter", String(300), primary_key=True),
+    Column("nano", BigInteger, nullable=False),
+    Column("tokens", BigInteger, nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Index("ix_budget_reservations_counter", "counter", "expires_at"),
+)
+
+budgets = Table(
+    "budgets",
+    metadata,
+    Column("scope", String(300), primary_key=True),
+    Column("period", String(10), primary_key=True),
+    Column("usd_nano", BigInteger, nullable=True),
+    Column("tokens", BigInteger, nullable=True),
+    Column("mode", String(10), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("updated_by", String(128), nullable=False),
+)
+
+rate_limits = Table(
+    "rate_limits",
+    metadata,
+    Column("scope", String(300), primary_key=True),
+    Column("rpm", Integer, nullable=True),
+    Column("tpm", BigInteger, nullable=True),
+    Column("concurrent", Integer, nullable=True),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("updated_by", String(128), nullable=False),
+)

@@ -39,6 +39,7 @@ from .base import (
     usd_to_nano,
 )
 from .schema import admin_tokens, gateway_keys, ledger, orgs, teams, users
+from .sql_limits import SQLLimitsMixin
 
 EntityKind = Literal["org", "team", "user"]
 _ENTITY_TABLES = {"org": orgs, "team": teams, "user": users}
@@ -68,6 +69,19 @@ _GROUP_COLUMNS = {
     "session": ledger.c.session_id,
     "model": func.coalesce(ledger.c.served_model, ledger.c.requested_model),
 }
+
+
+def group_column(by: str) -> Any:
+    """A spend grouping: a ledger column, or `tag:<name>` (the row's tag of that name)."""
+    if by.startswith("tag:"):
+        name = by[4:]
+        if not name or len(name) > 64:
+            raise ValueError(f"tag grouping needs a tag name: tag:<name> (got {by!r})")
+        return ledger.c.tags[name].as_string()
+    if by not in _GROUP_COLUMNS:
+        raise ValueError(f"cannot group spend by {by!r}: one of {sorted(_GROUP_COLUMNS)}"
+                         " or tag:<name>")
+    return _GROUP_COLUMNS[by]
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -131,7 +145,7 @@ def run_migrations(conn: Connection) -> None:
     command.upgrade(cfg, "head")
 
 
-class SQLStore(Store):
+class SQLStore(SQLLimitsMixin, Store):
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
@@ -433,7 +447,7 @@ class SQLStore(Store):
         self, by: SpendGroup, since: datetime | None = None, until: datetime | None = None,
         *, org: str | None = None, team: str | None = None,
     ) -> list[SpendRow]:
-        group = _GROUP_COLUMNS[by]
+        group = group_column(by)
         stmt = select(
             group.label("g"),
             func.count().label("calls"),

@@ -1,0 +1,1 @@
+"""Budget and rate-limit backends: reserve before forwarding, settle after (DESIGN §6)."""
