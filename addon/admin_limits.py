@@ -5,7 +5,6 @@ and key budgets and rate limits are set here, stored, and picked up by every
 replica within seconds. Status reads the live limiter (spent, reserved, reset).
 """
 
-from __future__ import annotations
 
 from collections.abc import Callable
 from decimal import Decimal

@@ -379,7 +379,9 @@ def seconds_until(when: datetime | None, now: datetime) -> int | None:
 
 
 def usd(nano: int) -> str:
-    return f"{Decimal(nano) / NANO_PER_USD:.2f}"
+    """Cents, or four decimals below $10 so small budgets do not read "$0.02 of $0.02"."""
+    v = Decimal(nano) / NANO_PER_USD
+    return f"{v:.2f}" if abs(v) >= 10 else f"{v:.4f}"
 
 
 def budget_message(line: BudgetLine, spent_nano: int, spent_tokens: int,
@@ -387,7 +389,7 @@ def budget_message(line: BudgetLine, spent_nano: int, spent_tokens: int,
     """What the developer reads in Codex: which scope, spent / limit, when it resets."""
     spec = line.spec
     if in_usd:
-        amount = (f"spent ${usd(spent_nano)} of ${spec.usd:.2f}"
+        amount = (f"spent ${usd(spent_nano)} of ${usd(spec.usd_nano or 0)}"
                   + (f" (+${usd(reserved_nano)} reserved by calls in flight)"
                      if reserved_nano else ""))
     else:

@@ -130,19 +130,26 @@ class Budgets:
         task.add_done_callback(self._tasks.discard)
 
     async def _finish(self, call: Call, adm: Admission, row: LedgerRow | None) -> None:
-        try:
-            if row is None:
-                await self.limiter.release(adm)
+        backoff = 0.2
+        while True:  # a database outage delays a settle; it does not drop it
+            try:
+                if row is None:
+                    await self.limiter.release(adm)
+                    return
+                nano = usd_to_nano(row.cost_usd) or 0
+                tokens = row.input_tokens + row.cache_write_tokens + row.output_tokens
+                for c in await self.limiter.settle(adm, nano, tokens):
+                    self._crossed(call, c)
                 return
-            nano = usd_to_nano(row.cost_usd) or 0
-            tokens = row.input_tokens + row.cache_write_tokens + row.output_tokens
-            for c in await self.limiter.settle(adm, nano, tokens):
-                self._crossed(call, c)
-        except LimiterUnavailable as e:
-            log.error("budget settle for %s not applied live (%s); the ledger row has it and"
-                      " the counters are rebuilt from the ledger", call.request_id, e)
-        except Exception:
-            log.exception("budget settle failed for %s", call.request_id)
+            except LimiterUnavailable as e:
+                log.error("budget settle for %s not applied live (%s); the ledger row has it"
+                          " and the counters are rebuilt from the ledger", call.request_id, e)
+                return
+            except Exception as e:
+                log.error("budget settle for %s failed (%s); retrying in %.1f s",
+                          call.request_id, type(e).__name__, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
 
     def _crossed(self, call: Call, c: Crossing) -> None:
         kind, _ = parse_scope(c.line.scope)
@@ -163,6 +170,9 @@ class Budgets:
     async def drain(self, wait_seconds: float = 5.0) -> None:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=wait_seconds)
+        for task in list(self._tasks):  # the store is still down: the ledger spool has them
+            log.error("shutting down with a budget settle pending; its spend is in the ledger")
+            task.cancel()
 
     # -- reporting ----------------------------------------------------------------------------
 

@@ -110,6 +110,7 @@ class Gateway:
     _sweeper: asyncio.Task[None] | None = None
     budgets: Budgets | None = None  # budgets (issue 5)
     _budget_task: asyncio.Task[None] | None = None
+    verdicts: VerdictCache | None = None  # guardrails (issue 6): its Redis client is closed
 
     async def _sweep_sessions(self, tracer: SessionTracer) -> None:
         while True:
@@ -183,6 +184,8 @@ class Gateway:
             await self.failover.breakers.stop()
         if self.revocations is not None:
             await self.revocations.close()
+        if self.verdicts is not None:  # guardrails (issue 6)
+            await self.verdicts.close()
         await self.admin.stop()
         await asyncio.to_thread(self.store.close)
         self.stopped.set()
@@ -352,6 +355,7 @@ async def start(settings: Settings) -> Gateway:
     if tracer is not None:
         gw._sweeper = asyncio.get_running_loop().create_task(gw._sweep_sessions(tracer))
     gw.budgets = budgets
+    gw.verdicts = guard_input.cache  # guardrails (issue 6)
     gw._budget_task = asyncio.get_running_loop().create_task(budgets.run())
     return gw
 

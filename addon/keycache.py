@@ -25,6 +25,8 @@ log = logging.getLogger("agent_egress.keycache")
 
 DEFAULT_TTL_SECONDS = 30.0
 BUS_TTL_SECONDS = 5.0
+STALE_SECONDS = 300.0
+"""How long past its TTL a cached key record serves while the store is unreachable."""
 """With Redis, revocations are pushed; the TTL is only the last line behind push and poll."""
 
 
@@ -47,6 +49,7 @@ class KeyCache:
         self._bus_task: asyncio.Task[None] | None = None
         self.hits = 0
         self.misses = 0
+        self.stale_hits = 0
 
     async def lookup(self, token_hash: str) -> KeyRecord | None:
         entry = self._entries.get(token_hash)
@@ -56,7 +59,15 @@ class KeyCache:
             return entry[0]
         self.misses += 1
         generation = self._generation
-        record = await asyncio.to_thread(self.store.key_by_hash, token_hash)
+        try:
+            record = await asyncio.to_thread(self.store.key_by_hash, token_hash)
+        except Exception:
+            # Store down: nobody can revoke through it either, so a record seen shortly
+            # before still stands, for a bounded time (revocations by Redis still apply).
+            if entry is not None and now - entry[1] < STALE_SECONDS:
+                self.stale_hits += 1
+                return entry[0]
+            raise
         if generation == self._generation:  # else it may predate a revocation: don't keep it
             self._entries[token_hash] = (record, now + self.ttl)
             self._entries.move_to_end(token_hash)
@@ -90,10 +101,11 @@ class KeyCache:
                         log.info("key revocations changed: key cache cleared")
                     self._fingerprint = fp
                     self.clear()
-            except Exception as e:  # store down: keep serving, but stop trusting the cache
-                log.warning("cannot read revocations (%s); key cache cleared", type(e).__name__)
-                self.clear()
-                self._fingerprint = None
+            except Exception as e:  # store down: entries expire as usual; see lookup
+                if self._fingerprint is not None:
+                    log.warning("cannot read revocations (%s): cached keys serve for up to"
+                                " %.0f s more", type(e).__name__, STALE_SECONDS)
+                self._fingerprint = None  # cleared when the store answers again
             await asyncio.sleep(self.poll_seconds)
 
     async def start(self) -> None:

@@ -120,6 +120,10 @@ class Route:
         call: Call | None = flow.metadata.get(METADATA_KEY)
         if call is None or flow.response is not None:
             return
+        if call.principal is None:  # never spend a vaulted key on an unauthenticated call
+            refuse(flow, call, 401, "no authenticated gateway token on this call",
+                   type="invalid_request_error", code="token_missing")
+            return
         session = call.session_id or ""
         allowed = call.principal.allowed_providers if call.principal is not None else []
         candidates = [n for n in plan(self.routes, self.default, call.requested_model or "",

@@ -116,6 +116,7 @@ class PostgresServer:
         self.dir = Path(tempfile.mkdtemp(prefix="agent-egress-pg-"))
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
+        self._kw: dict[str, object] = {}
 
     @property
     def url(self) -> str:
@@ -135,23 +136,38 @@ class PostgresServer:
                              **kw)
         if res.returncode != 0:
             raise RuntimeError(f"initdb failed: {res.stderr}")
+        self._kw = kw
         for _attempt in range(3):
             self.port = free_port()
-            with log.open("ab") as out:
-                self.proc = subprocess.Popen(
-                    [str(self.bindir / "postgres"), "-D", str(data), "-p", str(self.port),
-                     "-c", "listen_addresses=127.0.0.1",
-                     "-c", f"unix_socket_directories={self.dir}",
-                     "-c", "fsync=off", "-c", "synchronous_commit=off",
-                     "-c", "full_page_writes=off", "-c", "max_connections=200"],
-                    stdout=out, stderr=subprocess.STDOUT, cwd=self.dir, **kw)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                if postgres_reachable(self.url, timeout=1):
-                    return self
-                time.sleep(0.05)
-            self._kill()
+            if self._spawn(timeout):
+                return self
         raise RuntimeError(f"postgres did not start:\n{log.read_text(errors='replace')[-3000:]}")
+
+    def _spawn(self, timeout: float) -> bool:
+        log = self.dir / "postgres.log"
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [str(self.bindir / "postgres"), "-D", str(self.dir / "data"), "-p",
+                 str(self.port), "-c", "listen_addresses=127.0.0.1",
+                 "-c", f"unix_socket_directories={self.dir}",
+                 "-c", "fsync=off", "-c", "synchronous_commit=off",
+                 "-c", "full_page_writes=off", "-c", "max_connections=200"],
+                stdout=out, stderr=subprocess.STDOUT, cwd=self.dir, **self._kw)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if postgres_reachable(self.url, timeout=1):
+                return True
+            time.sleep(0.05)
+        self._kill()
+        return False
+
+    def halt(self) -> None:
+        """Stop the server but keep its data and port: a database outage."""
+        self._kill()
+
+    def resume(self, timeout: float = 30) -> None:
+        if not self._spawn(timeout):
+            raise RuntimeError("postgres did not come back on its port")
 
     def _kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

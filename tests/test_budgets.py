@@ -149,7 +149,7 @@ def test_reserve_settle_release_and_the_refusal_text(make: Callable[[], Limiter]
             admitted.append(out)
         assert len(admitted) == 10
         assert isinstance(out, Refusal) and out.kind == "budget"
-        assert "team:acme/payments" in out.message and "$1.00" in out.message
+        assert "team:acme/payments" in out.message and "$1.0000" in out.message
         assert "reserved by calls in flight" in out.message and "2026" in out.message
         for adm in admitted[:5]:  # released: never reached a provider
             await limiter.release(adm)
@@ -166,7 +166,7 @@ def test_reserve_settle_release_and_the_refusal_text(make: Callable[[], Limiter]
         crossings = await limiter.settle(more, NANO, 10)  # passes the limit: crossed once
         assert [c.line.scope for c in crossings] == ["team:acme/payments"]
         refused = await limiter.admit(plan(b, 101, est_nano=1))
-        assert isinstance(refused, Refusal) and "spent $1.25 of $1.00" in refused.message
+        assert isinstance(refused, Refusal) and "spent $1.2500 of $1.0000" in refused.message
     run(make, go)
 
 

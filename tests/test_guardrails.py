@@ -81,6 +81,28 @@ def test_bad_policy_is_a_config_error_naming_the_key(tmp_path: Path, section: di
     assert "guardrails.default" in str(e.value) and error in str(e.value)
 
 
+def test_example_config_guardrails_block_validates(tmp_path: Path) -> None:
+    """The commented `guardrails:` example, uncommented, loads; its default is the built-in one."""
+    from importlib import resources
+
+    from agent_egress.addon.guardrails.config import InjectionCheck, PiiCheck, SecretsCheck
+    text = (resources.files("agent_egress.addon") / "example-config.yaml").read_text()
+    lines = text.splitlines()
+    start = lines.index("# guardrails:")
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith("# --- end guardr"))
+    block = [line.removeprefix("# ") for line in lines[start:end]]
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("\n".join(lines[:start] + block + lines[end:]) + "\n")
+    g = load_settings(cfg, environ={"AGENT_EGRESS_HOME": str(tmp_path)}).guardrails
+    assert g.teams["payments"].injection is not None and g.keys["key_0858db1"].limits is not None
+    assert [r.name for r in g.default.custom or ()] == ["internal-hosts", "codenames"]
+    other = g.resolve("other-org", "other-team", "key_other")
+    assert (other.secrets, other.pii, other.injection) == (SecretsCheck(), PiiCheck(),
+                                                           InjectionCheck())
+    assert Guardrails(g).engine_for("acme", "payments", "key_0858db1").scan(
+        "see db1.corp.internal", "input", "user")[0].rule == "custom.internal-hosts"
+
+
 # --- checks ------------------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(SECRETS))
 def test_each_secret_format_is_found_and_redacted(name: str) -> None:
@@ -267,7 +289,9 @@ def test_block_mid_stream_ends_with_response_failed() -> None:
     last = out.decode().strip().split("\n\n")[-1]
     assert last.startswith("event: response.failed")
     err = json.loads(last.split("data: ", 1)[1])["response"]["error"]
-    assert err == {"code": "guardrail_blocked",
+    # invalid_prompt: Codex stops at once and shows the message (guardrails e2e test)
+    assert err == {"code": "invalid_prompt", "type": "guardrail_blocked",
+                   "param": "secrets.aws_access_key",
                    "message": "agent-egress: blocked by secrets.aws_access_key"}
     assert guard.feed(b"event: x\ndata: {}\n\n") == b""
 

@@ -104,9 +104,40 @@ def test_streamed_secret_blocked_mid_stream_ends_cleanly(tmp_path: Path,
         assert AWS not in raw
         assert events[-1][0] == "response.failed"
         err = json.loads(events[-1][1])["response"]["error"]
-        assert err["code"] == "guardrail_blocked" and "secrets.aws_access_key" in err["message"]
+        assert err["code"] == "invalid_prompt" and err["type"] == "guardrail_blocked"
+        assert "secrets.aws_access_key" in err["message"]
         assert took < 4, took  # the client's stream ended at the block, not at the upstream's end
         metrics = httpx.get(f"{gw.admin_url}/metrics").text
         assert 'agent_egress_refusals_total{rule="guardrail_blocked"}' in metrics
+    finally:
+        gw.stop()
+
+
+@pytest.mark.codex
+def test_codex_output_blocked_mid_stream_shows_message_once(tmp_path: Path,
+                                                            fake: FakeProvider) -> None:
+    """A mid-stream block must be final for Codex: our message on its screen, no retries.
+
+    Measured with Codex 0.169: a ``response.failed`` with any code it does not know is
+    retried 5 times ("Reconnecting... 1/5".."5/5", six requests to the provider, each
+    billed); with ``invalid_prompt`` it stops after the first and prints the message."""
+    gw = make_gateway(tmp_path, fake.base_url,
+                      guardrails={"default": {"secrets": {"action": "block"}}})
+    gw.start()
+    try:
+        token, _ = gw.issue_token()
+        fake.answer_text = "here it is: " + "x " * 150 + AWS + " and more" * 20
+        fake.tool_calls = 0
+        fake.delta_count = 40
+        res = run_codex(tmp_path, gw.base_url, token, prompt="print the deploy key")
+        out = res.stdout + res.stderr
+        assert res.returncode != 0, out[-2000:]
+        assert ("agent-egress: the model's output was stopped by guardrail rule"
+                " secrets.aws_access_key (action block)") in out, out[-2000:]
+        assert "Reconnecting" not in out, out[-2000:]
+        assert len(fake.requests_to("/responses")) == 1
+        assert AWS not in out
+        metrics = httpx.get(f"{gw.admin_url}/metrics").text
+        assert 'agent_egress_refusals_total{rule="guardrail_blocked"} 1.0' in metrics
     finally:
         gw.stop()

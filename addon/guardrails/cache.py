@@ -129,5 +129,10 @@ class VerdictCache:
         return len(self._mem)
 
     async def close(self) -> None:
+        """Close the Redis client (gateway shutdown); a failure here must not stop it."""
         if self._redis is not None:
-            await self._redis.aclose()
+            try:
+                await self._redis.aclose()
+            except Exception as e:
+                log.debug("closing the verdict cache's Redis client failed: %r", e)
+            self._redis = None

@@ -10,8 +10,8 @@ growing) and an unterminated private-key block are held until more text or
 the channel's end arrives. Events that repeat the full text (``.done``,
 ``content_part.done``, ``output_item.done``, ``response.completed``) are
 redacted whole. A ``block`` hit ends the stream with an error event the client
-understands (``response.failed`` / a Chat ``error`` chunk); the caller then stops
-the upstream. Pure: no mitmproxy import.
+understands (``response.failed`` with a code Codex does not retry / a Chat
+``error`` chunk); the caller then stops the upstream. Pure: no mitmproxy import.
 """
 
 from __future__ import annotations
@@ -25,6 +25,11 @@ from ..protocols.sse import SSEScanner
 from .findings import Finding, redact, worst
 
 Scan = Callable[[str], list[Finding]]
+
+FINAL_CODE = "invalid_prompt"
+"""``response.failed`` error code of a mid-stream block. Codex 0.169 retries a failed
+stream 5 times unless the code is one it knows is final; with ``invalid_prompt`` it
+stops at once and prints our message (see tests/test_guardrails_e2e.py)."""
 
 _CONTEXT = 64
 """Already-sent characters rescanned as left context (lookbehinds, word bounds)."""
@@ -293,10 +298,12 @@ class OutputGuard:
             err = {"error": {"message": message, "type": "guardrail_blocked",
                              "code": "guardrail_blocked", "param": None}}
             return self._sse_bytes(None, _DUMPS(err).encode()) + b"data: [DONE]\n\n"
+        error = {"code": FINAL_CODE, "message": message, "type": "guardrail_blocked",
+                 "param": self.blocked.rule}
         ev = {"type": "response.failed", "sequence_number": self._seq + 1,
               "response": {"id": self._response_id, "object": "response", "status": "failed",
-                           "error": {"code": "guardrail_blocked", "message": message},
-                           "incomplete_details": None, "output": [], "usage": None}}
+                           "error": error, "incomplete_details": None, "output": [],
+                           "usage": None}}
         return self._sse_bytes(b"response.failed", _DUMPS(ev).encode())
 
     # -- Chat Completions ----------------------------------------------------------

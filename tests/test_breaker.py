@@ -1,0 +1,138 @@
+"""Circuit breaker state machine, route planning and retry identity (pure, fast), and
+breaker state shared between two boards (two replicas) over a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import services
+
+from agent_egress.addon.breaker import Breaker, BreakerBoard, State
+from agent_egress.addon.failover import RetryMemory, body_digest
+from agent_egress.addon.policy import BreakerSettings, ConfigError, RouteRule, load_settings
+from agent_egress.addon.route import plan
+
+CFG = BreakerSettings(failures=3, window_seconds=10, open_seconds=5, half_open_probes=1)
+
+
+def test_opens_after_n_failures_in_window_only() -> None:
+    b = Breaker("p", "k", CFG)
+    assert b.failure(0.0) is None and b.failure(1.0) is None
+    assert b.failure(10.5) is None, "the failure at t=0 left the window"
+    assert b.failure(10.9) == ("closed", "open")
+    assert not b.available(11.0) and not b.available(15.8)
+
+
+def test_half_open_probe_closes_or_reopens() -> None:
+    b = Breaker("p", "k", CFG)
+    for t in (0.0, 0.1, 0.2):
+        b.failure(t)
+    assert b.state == "open" and b.opened_until == pytest.approx(5.2)
+    assert b.available(5.3)
+    assert b.acquire(5.3) == ("open", "half_open")
+    assert not b.available(5.4), "one probe at a time"
+    assert b.failure(5.5) == ("half_open", "open")
+    assert not b.available(6.0) and b.opened_until == pytest.approx(10.5)
+    b.acquire(10.6)
+    assert b.success(10.7) == ("half_open", "closed")
+    assert b.available(10.8) and not b.failures
+
+
+def test_stuck_probe_frees_its_slot() -> None:
+    b = Breaker("p", "k", CFG)
+    for t in (0.0, 0.1, 0.2):
+        b.failure(t)
+    b.acquire(6.0)  # a probe that never reports back (the client went away)
+    assert not b.available(7.0)
+    assert b.available(11.1)
+
+
+def test_plan_orders_and_weights() -> None:
+    rules = [RouteRule(model="o3*", providers=["azure"]),
+             RouteRule(model="gpt-5*", providers=["a", "b", "c"], weights=[1, 1, 0])]
+    assert plan(rules, "default", "claude", "s") == ["default"]
+    assert plan(rules, "default", "o3-mini", "s") == ["azure"]
+    firsts = {plan(rules, "d", "gpt-5.5", f"session-{i}")[0] for i in range(200)}
+    assert firsts == {"a", "b"}, "weight 0 is never drawn first"
+    assert plan(rules, "d", "gpt-5.5", "s1") == plan(rules, "d", "gpt-5.5", "s1"), "per session"
+    assert sorted(plan(rules, "d", "gpt-5.5", "s1")) == ["a", "b", "c"]
+
+
+def test_routes_validated(tmp_path: pytest.TempPathFactory) -> None:
+    cfg = tmp_path / "c.yaml"  # type: ignore[operator]
+    cfg.write_text("providers: [{name: a, base_url: 'http://x/v1', key: k}]\n"
+                   "routes: [{model: '*', providers: [a, nope]}]\n")
+    with pytest.raises(ConfigError, match=r"routes.0.providers: \['nope'\]"):
+        load_settings(cfg, environ={})
+    cfg.write_text("providers: [{name: a, base_url: 'http://x/v1', key: k}]\n"
+                   "routes: [{model: '*', providers: [a], weights: [0]}]\n")
+    with pytest.raises(ConfigError, match="weights"):
+        load_settings(cfg, environ={})
+
+
+def test_retry_identity_ignores_client_metadata_key_order() -> None:
+    base = {"model": "gpt-5.5", "input": [{"role": "user", "content": "say {\"x\": 1}"}],
+            "stream": True}
+    meta = {"turn_id": "t1", "x-codex-turn-metadata": json.dumps({"a": {"b": "}"}}),
+            "session_id": "s"}
+    one = json.dumps({**base, "client_metadata": meta}).encode()
+    two = json.dumps({**base, "client_metadata": dict(reversed(meta.items()))}).encode()
+    assert one != two and body_digest(one) == body_digest(two)
+    other = json.dumps({**base, "input": "else", "client_metadata": meta}).encode()
+    assert body_digest(other) != body_digest(one)
+    mem = RetryMemory(ttl=60)
+    assert mem.lookup("s", one) is None
+    mem.record("s", one, "a", "status_500")
+    hit = mem.lookup("s", two)
+    assert hit is not None and hit.providers == ["a"] and mem.lookup("t", two) is None
+
+
+async def test_breaker_shared_between_replicas_over_redis() -> None:
+    url = services.redis_url()
+    with services.redis_namespace(url) as prefix:
+        changes: list[tuple[str, State, State, str]] = []
+        cfg = BreakerSettings(failures=2, window_seconds=30, open_seconds=2, sync_seconds=0.05)
+
+        def board(name: str) -> BreakerBoard:
+            return BreakerBoard(cfg, [("p", "k")],
+                                lambda b, old, new, why: changes.append((name, old, new, why)),
+                                redis_url=url, prefix=prefix)
+
+        one, two = board("one"), board("two")
+        one.start()
+        two.start()
+        try:
+            # One failure on each replica: neither reaches 2 alone; the shared count does.
+            one.failure("p", "k", "status_500")
+            await asyncio.sleep(0.1)
+            two.failure("p", "k", "status_500")
+            for _ in range(100):
+                if one.get("p", "k").state == "open" and two.get("p", "k").state == "open":
+                    break
+                await asyncio.sleep(0.02)
+            assert one.get("p", "k").state == "open", changes
+            assert two.get("p", "k").state == "open", changes
+            assert not one.available("p", "k")
+            assert one.redis_ok and two.redis_ok
+            # The open key expires when the breaker would half-open.
+            await asyncio.sleep(2.1)
+            assert one.available("p", "k") and two.available("p", "k")
+        finally:
+            await one.stop()
+            await two.stop()
+
+
+async def test_breaker_without_redis_stays_local() -> None:
+    cfg = BreakerSettings(failures=1, open_seconds=1)
+    board = BreakerBoard(cfg, [("p", "k")], lambda *a: None,
+                         redis_url="redis://127.0.0.1:1/0", prefix="x:")
+    board.start()
+    try:
+        board.failure("p", "k", "connect_error")
+        assert board.get("p", "k").state == "open"
+        await asyncio.sleep(0.2)
+        assert board.redis_ok is False, "Redis down: noticed, local breakers only"
+    finally:
+        await board.stop()
