@@ -114,8 +114,6 @@ class Budgets(_Strict):
     reservation: Reservation = Field(default_factory=Reservation)
     on_redis_down: Literal["closed", "open"] = "closed"
     """closed: refuse with 503 while Redis is unreachable; open: count in-process (alert)."""
-    cut_off_streams: bool = False
-    """End a stream whose metered cost passes the remaining hard budget (off by default)."""
 
     @field_validator("timezone")
     @classmethod

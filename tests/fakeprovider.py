@@ -33,7 +33,10 @@ Knobs (plain attributes, settable between requests from any thread): ``answer_te
 ``delta_count``, ``event_delay``, ``fail_next``, ``cut_stream_after``,
 ``cut_stream_abort``, ``usage``, ``tool_calls``, ``tool_command``,
 ``compaction_summary``, ``extra_headers``. ``fail_next``, ``cut_stream_after`` and
-``event_delay`` apply to every model endpoint.
+``event_delay`` apply to every model endpoint. Failover knobs: ``hang_before_headers``
+(seconds before answering), ``hang_mid_stream_after`` + ``hang_mid_stream`` (a pause
+after N events), ``chat_only`` (``/responses*`` answer 404, like a Chat-only server)
+and ``chat_tool_calls`` (``/chat/completions`` runs the same shell-tool loop).
 
 Standalone (benchmarks): ``python tests/fakeprovider.py --port N`` prints the base URL
 on stdout once it accepts connections, then serves until SIGINT/SIGTERM.
