@@ -114,6 +114,8 @@ class Budgets(_Strict):
     reservation: Reservation = Field(default_factory=Reservation)
     on_redis_down: Literal["closed", "open"] = "closed"
     """closed: refuse with 503 while Redis is unreachable; open: count in-process (alert)."""
+    cut_off_streams: bool = False
+    """End a stream whose metered cost passes what its hard budgets had left (off)."""
 
     @field_validator("timezone")
     @classmethod
@@ -280,6 +282,23 @@ class Admission:
     backend: str
     """Which backend holds the reservation (settle goes back to the same one)."""
     settled: bool = False
+    headroom_nano: int | None = None
+    """Least USD left on any hard budget before this call's own reservation: what the
+    optional mid-stream cut-off lets one stream spend."""
+    input_nano: int = 0
+    """The estimated cost of the input (the cut-off adds metered output to it)."""
+    out_rate_nano: float = 0.0
+    """Nano-USD per output token for the requested model."""
+
+
+def headroom(line: BudgetLine, spent_nano: int, reserved_nano: int, current: int | None
+             ) -> int | None:
+    """The smaller of `current` and what this hard USD line has left."""
+    limit = line.spec.usd_nano
+    if line.spec.mode != "hard" or limit is None:
+        return current
+    left = limit - spent_nano - reserved_nano
+    return left if current is None else min(current, left)
 
 
 @dataclass(frozen=True, slots=True)

@@ -116,6 +116,9 @@ class Budgets:
             return refusal_unavailable(plan.scopes[0])
         if isinstance(result, Refusal):
             return result
+        in_rate, out_rate = self._rate(call.requested_model or "")
+        result.input_nano = int(estimate_tokens(call.request_bytes) * in_rate)
+        result.out_rate_nano = out_rate
         call.admission = result
         return None
 

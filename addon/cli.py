@@ -503,6 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
         remote_options(q)
     add_parsers(sub, cmd_admin)
     add_budget_parsers(sub, cmd_admin)
+    # issue 10: dashboards/alert rules as code and the finance report (own modules)
+    from .cli_grafana import add_grafana_parsers, add_report_parser
+    add_grafana_parsers(sub)
+    add_report_parser(sub)
 
     audit = sub.add_parser("audit", help="the hash-chained audit log").add_subparsers(
         dest="acmd", required=True)

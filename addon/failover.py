@@ -421,6 +421,8 @@ class FailoverErrors:
         msg = flow.error.msg if flow.error else ""
         if call.refused is not None or msg.lower().startswith("client"):
             return  # the client went away: not the provider's fault
+        if a.cut_reason is None and mitm_internals.CLOSED_BY in flow.metadata:
+            return  # the gateway stopped the stream itself (guardrail, budget cut-off)
         if a.headers_at is None:
             reason = a.cut_reason or ("connect_error" if flow.server_conn.timestamp_tcp_setup
                                       is None else "closed_before_headers")

@@ -26,6 +26,7 @@ from .admin_limits import install_limits
 from .admit import Admit
 from .authenticate import Authenticate
 from .authorize import Authorize
+from .budget_cutoff import BudgetCutoff
 from .budgets import Budgets
 from .call import METADATA_KEY
 from .classify import Classify
@@ -309,6 +310,7 @@ async def start(settings: Settings) -> Gateway:
                budgets=budgets),
         FailoverErrors(failover, Route.key_for),  # after settle: its own 502 message wins
         GuardOutput(recorder),  # guardrails: after the failover tap and settle (see module)
+        BudgetCutoff(settings.budgets.cut_off_streams),  # outermost: meters what is sent
     ]
     if tracer is not None:
         chain.append(Telemetry(tracer, providers))

@@ -46,7 +46,9 @@ class GuardInput:
                  holdback: int = 128, inline_scan_bytes: int = 2048) -> None:
         self.max_body_bytes = max_body_bytes
         self.guardrails = guardrails
-        self.cache = cache or VerdictCache()
+        # not `cache or ...`: an empty cache is falsy (len 0), and replacing it dropped
+        # the configured Redis client and size
+        self.cache = cache if cache is not None else VerdictCache()
         self.recorder = recorder
         self.holdback = holdback
         self.inline_scan_bytes = inline_scan_bytes

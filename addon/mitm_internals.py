@@ -114,8 +114,13 @@ def connected_to(flow: http.HTTPFlow, address: tuple[str, int]) -> bool:
             and conn.timestamp_tcp_setup is not None)
 
 
+CLOSED_BY = "agent_egress.closed_by"
+"""flow.metadata key: why the gateway itself dropped the upstream (not a provider fault)."""
+
+
 def close_server(flow: http.HTTPFlow, reason: str) -> bool:
     """Drop the flow's established upstream connection (response or idle timeout)."""
+    flow.metadata[CLOSED_BY] = reason
     handler = _handler(flow.client_conn)
     return handler is not None and _cancel(handler, flow.server_conn, reason)
 

@@ -281,3 +281,43 @@ def test_redis_counters_are_rebuilt_from_the_ledger_after_loss(tmp_path: Path) -
     with services.redis_namespace() as prefix:
         asyncio.run(go(prefix))
     store.close()
+
+
+def test_sql_settles_in_one_batch_count_every_call_and_cross_once(tmp_path: Path) -> None:
+    store = SQLStore(f"sqlite:///{tmp_path / 'b.db'}")
+    store.migrate()
+
+    async def go() -> None:
+        lim = SQLLimiter(store.engine, batch_window=0.05)
+        b = book("0.5", mode="soft")
+        adms = [await lim.admit(plan(b, i)) for i in range(10)]
+        results = await asyncio.gather(*(lim.settle(a, NANO // 10, 7) for a in adms
+                                         if isinstance(a, Admission)))
+        assert sum(len(r) for r in results) == 1  # the 5th settle crossed 0.5 USD
+        st = await lim.status(plan(b, 99).budgets)
+        assert (st[0].spent_nano, st[0].spent_tokens, st[0].reserved_nano) == (NANO, 70, 0)
+        counters = lim.counters([f"key:key_1|{w.key}" for w in plan(b, 0).windows])
+        assert all(v == (NANO, 70) for v in counters.values()) and len(counters) == 4
+        await lim.close()
+
+    asyncio.run(go())
+    store.close()
+
+
+def test_output_meter_counts_generated_text_across_any_chunking() -> None:
+    from agent_egress.addon.protocols.output_meter import OutputMeter
+
+    deltas = ["Hello, ", 'wo\\"rld', " \\u00e9t\\u00e9", "x" * 50]
+    events = b"".join(
+        b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+        b'"delta":"' + d.encode() + b'","sequence_number":1}\n\n' for d in deltas)
+    events += (b'event: response.function_call_arguments.delta\ndata: {"type":'
+               b'"response.function_call_arguments.delta","delta":"{\\"cmd\\":1}"}\n\n'
+               b'event: response.completed\ndata: {"type":"response.completed",'
+               b'"response":{"content":"not generated text"}}\n\n')
+    expected = len("Hello, ") + len('wo"rld') + len(" été") + 50 + len('{"cmd":1}')
+    for step in (1, 7, 64, len(events)):
+        meter = OutputMeter()
+        for i in range(0, len(events), step):
+            meter.feed(events[i:i + step])
+        assert meter.chars == expected, step

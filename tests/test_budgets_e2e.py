@@ -333,3 +333,47 @@ def test_postgres_down_spools_the_ledger_and_replays_it(tmp_path: Path,
         gw.stop()
     finally:
         pg.stop()
+
+
+def test_mid_stream_cut_off_ends_the_stream_codex_shows_why(tmp_path: Path,
+                                                           fake: FakeProvider) -> None:
+    """With cut_off_streams on, a stream that would pass the budget's headroom is ended at
+    an event boundary with a final response.failed and the upstream is closed."""
+    fake.tool_calls = 0  # a plain text answer, streamed in 60 deltas
+    fake.answer_text = "All work and no play makes Jack a dull boy. " * 60
+    fake.delta_count = 60
+    fake.event_delay = 0.01
+    gw = make_gateway(tmp_path, fake.base_url, providers=_providers(fake), budgets={
+        "cut_off_streams": True, "reservation": {"max_usd": "0.0001"},
+        "teams": {"acme/payments": [{"period": "monthly", "usd": "0.001"}],
+                  "acme/platform": [{"period": "monthly", "usd": "0.001"}]}})
+    gw.start()
+    try:
+        token, _ = gw.issue_token()
+        events: list[dict[str, Any]] = []
+        with httpx.stream("POST", f"{gw.base_url}/responses", json={**BODY, "stream": True},
+                          headers={"authorization": f"Bearer {token}"}, timeout=30) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+        kinds = [e["type"] for e in events]
+        assert kinds[-1] == "response.failed" and "response.completed" not in kinds
+        text = "".join(e.get("delta", "") for e in events
+                       if e["type"] == "response.output_text.delta")
+        # 0.001 USD at 10 USD/Mtok is 100 tokens, ~400 characters, less the input estimate
+        assert 0 < len(text) < 600 < len(fake.answer_text)
+        err = events[-1]["response"]["error"]
+        assert err["type"] == "budget_exceeded" and "would pass a hard budget" in err["message"]
+        rows = gw.wait_ledger(1)
+        assert rows and rows[0]["outcome"] != "ok" and rows[0]["cost_usd"] > 0
+        # Codex (another team, budget untouched): stops at the event, shows why, no retry
+        token2, _ = gw.issue_token(user="bob", team="platform")
+        before = len(fake.requests)
+        codex = run_codex(tmp_path, gw.base_url, token2, "say something long")
+        out = _codex_text(codex)
+        assert codex.returncode != 0
+        assert "would pass a hard budget" in out, out
+        assert len(fake.requests) - before == 1, "Codex retried a final cut-off"
+    finally:
+        gw.stop()

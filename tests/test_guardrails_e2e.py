@@ -141,3 +141,33 @@ def test_codex_output_blocked_mid_stream_shows_message_once(tmp_path: Path,
         assert 'agent_egress_refusals_total{rule="guardrail_blocked"} 1.0' in metrics
     finally:
         gw.stop()
+
+
+def test_gateway_shares_verdicts_in_the_configured_redis(tmp_path: Path,
+                                                         fake: FakeProvider) -> None:
+    """The gateway's input guard uses the Redis verdict cache built from redis_url (an
+    empty cache is falsy: ``cache or VerdictCache()`` once replaced it by a local one)."""
+    import uuid
+
+    import redis
+    from services import redis_url
+
+    url, prefix = redis_url(), f"guard-e2e-{uuid.uuid4().hex[:8]}:"
+    gw = make_gateway(tmp_path, fake.base_url, redis_url=url, redis_prefix=prefix)
+    gw.start()
+    client = redis.Redis.from_url(url)
+    try:
+        token, _ = gw.issue_token()
+        fake.tool_calls = 0
+        r = httpx.post(f"{gw.base_url}/responses", timeout=30,
+                       headers={"authorization": f"Bearer {token}"},
+                       json={"model": "gpt-5.5", "stream": False, "input": [
+                           {"role": "user", "content": "first message"},
+                           {"role": "user", "content": "second message"}]})
+        assert r.status_code == 200, r.text
+        assert len(client.keys(prefix + "guard:*")) == 2  # one verdict per input item
+    finally:
+        gw.stop()
+        for key in client.scan_iter(prefix + "*"):
+            client.delete(key)
+        client.close()

@@ -19,6 +19,7 @@ from ..budget_policy import (
     Refusal,
     check_budget,
     check_rate,
+    headroom,
 )
 from .base import Crossing, Limiter, crossed, status_of
 
@@ -74,6 +75,7 @@ class MemoryLimiter(Limiter):
                     del table[k]
 
     def check(self, plan: Plan) -> Refusal | None:
+        self.last_headroom: int | None = None
         now = time.monotonic()
         self._expire(now)
         minute = plan.minute
@@ -92,6 +94,7 @@ class MemoryLimiter(Limiter):
                                        plan.est_tokens)
                 if refusal is not None:
                     return refusal
+                self.last_headroom = headroom(line, s[0], r[0], self.last_headroom)
         return None
 
     def take(self, plan: Plan) -> None:
@@ -119,7 +122,7 @@ class MemoryLimiter(Limiter):
         if refusal is not None:
             return refusal
         self.take(plan)
-        return Admission(plan, self.name)
+        return Admission(plan, self.name, headroom_nano=self.last_headroom)
 
     def settle_now(self, adm: Admission, cost_nano: int, tokens: int) -> list[Crossing]:
         plan = adm.plan

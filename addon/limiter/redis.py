@@ -124,7 +124,8 @@ class RedisLimiter(Limiter):
             out = await self._run(*args)
             verdict = out[0].decode() if isinstance(out[0], bytes) else str(out[0])
             if verdict == "ok":
-                return Admission(plan, self.name)
+                return Admission(plan, self.name,
+                                 headroom_nano=int(out[1]) if len(out) > 1 else None)
             if verdict == "rebuild":
                 await self.rebuild(plan)
                 continue

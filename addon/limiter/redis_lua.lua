@@ -55,8 +55,8 @@ if op == 'admit' then
     end
     i = i + 4
   end
-  local bstart = i
   -- budget lines: counter, limit nano, limit tokens (-1 = none), hard (1/0), ttl s
+  local room = nil
   for b = 1, nb do
     if ARGV[i + 3] == '1' then
       local v = redis.call('HMGET', p .. 'bc:' .. ARGV[i], 'sn', 'st', 'rn', 'rt')
@@ -66,6 +66,7 @@ if op == 'admit' then
       if (ln >= 0 and sn + rn + est_n > ln) or (lt >= 0 and st + rt + est_t > lt) then
         return {'budget', b, v[1] or '0', v[2] or '0', v[3] or '0', v[4] or '0'}
       end
+      if ln >= 0 and (room == nil or ln - sn - rn < room) then room = ln - sn - rn end
     end
     i = i + 5
   end
@@ -100,7 +101,8 @@ if op == 'admit' then
     redis.call('ZADD', p .. 'leases', now + lease, rid)
     redis.call('PEXPIRE', rk, lease + 60000)
   end
-  return {'ok'}
+  if room == nil then return {'ok'} end
+  return {'ok', string.format('%d', room)}
 elseif op == 'settle' then
   -- ARGV[5..7] = cost nano, tokens, #counters; then counter, ttl pairs.
   -- Returns sn, st after the settle for every counter, in order.

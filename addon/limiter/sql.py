@@ -10,6 +10,8 @@ with several replicas, configure Redis. All calls run in a worker thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
@@ -19,20 +21,34 @@ from sqlalchemy import Connection, Engine, delete, func, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from ..budget_policy import Admission, BudgetLine, BudgetStatus, Plan, Refusal, check_budget
+from ..budget_policy import (
+    Admission,
+    BudgetLine,
+    BudgetStatus,
+    Plan,
+    Refusal,
+    check_budget,
+    headroom,
+)
 from ..store.schema import budget_counters as bc
 from ..store.schema import budget_reservations as br
 from .base import Crossing, Limiter, crossed, status_of
 from .memory import MemoryLimiter
 
+log = logging.getLogger("agent_egress.limiter")
+
 
 class SQLLimiter(Limiter):
     name = "sql"
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, batch_window: float = 0.02) -> None:
         self.engine = engine
         self.rates = MemoryLimiter(budgets=False)
         self._last_sweep = 0.0
+        self.batch_window = batch_window
+        self._pending: list[tuple[Plan, int, int, asyncio.Future[list[Crossing]]]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
 
     # -- transactions (worker thread) ------------------------------------------------
 
@@ -54,12 +70,14 @@ class SQLLimiter(Limiter):
             .group_by(br.c.counter))}
         return spent, reserved
 
-    def _reserve(self, plan: Plan) -> Refusal | None:
+    def _reserve(self, plan: Plan) -> Refusal | int | None:
+        """A refusal, or the headroom left (None: no hard USD budget)."""
         counters = [line.counter for line in plan.budgets]
         now = datetime.now(UTC)
         with self.engine.connect() as conn:
             self._begin(conn, counters)
             spent, reserved = self._read(conn, counters, now)
+            room: int | None = None
             for line in plan.budgets:
                 s = spent.get(line.counter, (0, 0))
                 r = reserved.get(line.counter, (0, 0))
@@ -68,6 +86,7 @@ class SQLLimiter(Limiter):
                 if refusal is not None:
                     conn.rollback()
                     return refusal
+                room = headroom(line, s[0], r[0], room)
             expires = now + timedelta(seconds=plan.lease_seconds)
             conn.execute(br.insert(), [
                 {"res_id": plan.res_id, "counter": c, "nano": plan.est_nano,
@@ -77,7 +96,7 @@ class SQLLimiter(Limiter):
                 self._last_sweep = time.monotonic()
                 conn.execute(delete(br).where(br.c.expires_at < now))
             conn.commit()
-        return None
+        return room
 
     def _upsert(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
         ins: Any = pg_insert(bc) if conn.dialect.name == "postgresql" else sqlite_insert(bc)
@@ -87,24 +106,61 @@ class SQLLimiter(Limiter):
                   "tokens": bc.c.tokens + ins.excluded.tokens})
         conn.execute(stmt, rows)
 
-    def _settle(self, plan: Plan, cost_nano: int, tokens: int) -> list[Crossing]:
-        lines = {line.counter: line for line in plan.budgets}
+    def _settle_batch(self, batch: list[tuple[Plan, int, int]]) -> list[list[Crossing]]:
+        """Settle many calls in one transaction (one fsync, one write lock per batch).
+
+        Counters are added per counter id; each call's crossing is judged on the running
+        total in batch order, as if they had been settled one by one.
+        """
+        totals: dict[str, list[int]] = {}
+        watched = {line.counter for plan, _, _ in batch for line in plan.budgets}
         with self.engine.begin() as conn:
-            before = ({r[0]: (int(r[1]), int(r[2])) for r in conn.execute(
+            current = ({r[0]: [int(r[1]), int(r[2])] for r in conn.execute(
                 select(bc.c.counter, bc.c.nano, bc.c.tokens)
-                .where(bc.c.counter.in_(list(lines))))} if lines else {})
-            conn.execute(delete(br).where(br.c.res_id == plan.res_id))
-            self._upsert(conn, [{"counter": c, "nano": cost_nano, "tokens": tokens}
-                                for c, _ in plan.counters])
-            after = ({r[0]: (int(r[1]), int(r[2])) for r in conn.execute(
-                select(bc.c.counter, bc.c.nano, bc.c.tokens)
-                .where(bc.c.counter.in_(list(lines))))} if lines else {})
-        out = []
-        for counter, line in lines.items():
-            b, a = before.get(counter, (0, 0)), after.get(counter, (0, 0))
-            if crossed(line, b[0], b[1], a[0], a[1]):
-                out.append(Crossing(line, a[0], a[1]))
+                .where(bc.c.counter.in_(list(watched))))} if watched else {})
+            conn.execute(delete(br).where(br.c.res_id.in_([p.res_id for p, _, _ in batch])))
+            out = []
+            for plan, nano, tok in batch:
+                for c, _ in plan.counters:
+                    t = totals.setdefault(c, [0, 0])
+                    t[0] += nano
+                    t[1] += tok
+                crossings = []
+                for line in plan.budgets:
+                    cur = current.setdefault(line.counter, [0, 0])
+                    before = (cur[0], cur[1])
+                    cur[0] += nano
+                    cur[1] += tok
+                    if crossed(line, *before, cur[0], cur[1]):
+                        crossings.append(Crossing(line, cur[0], cur[1]))
+                out.append(crossings)
+            self._upsert(conn, [{"counter": c, "nano": n, "tokens": t}
+                                for c, (n, t) in totals.items()])
         return out
+
+    async def _flush(self) -> None:
+        """Background writer: gathers settles for `batch_window` seconds, then one txn."""
+        backoff = 0.2
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(self.batch_window)
+            self._wake.clear()
+            while self._pending:
+                batch = self._pending[:256]
+                try:
+                    results = await asyncio.to_thread(
+                        self._settle_batch, [(p, n, t) for p, n, t, _ in batch])
+                except Exception as e:  # database down: keep them, retry; never drop spend
+                    log.error("budget settle of %d calls failed (%s); retrying in %.1f s",
+                              len(batch), type(e).__name__, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                backoff = 0.2
+                del self._pending[:len(batch)]
+                for (_, _, _, fut), res in zip(batch, results, strict=True):
+                    if not fut.done():
+                        fut.set_result(res)
 
     def _release(self, res_id: str) -> None:
         with self.engine.begin() as conn:
@@ -129,20 +185,38 @@ class SQLLimiter(Limiter):
         if refusal is not None:
             return refusal
         self.rates.take(plan)  # hold the rate slot while the budget transaction runs
+        room = None
         if plan.budgets:
             try:
-                refusal = await asyncio.to_thread(self._reserve, plan)
+                result = await asyncio.to_thread(self._reserve, plan)
             except BaseException:
                 self.rates.release_now(Admission(plan, self.name))
                 raise
-            if refusal is not None:
+            if isinstance(result, Refusal):
                 self.rates.release_now(Admission(plan, self.name))
-                return refusal
-        return Admission(plan, self.name)
+                return result
+            room = result
+        return Admission(plan, self.name, headroom_nano=room)
 
     async def settle(self, adm: Admission, cost_nano: int, tokens: int) -> list[Crossing]:
         self.rates.settle_now(adm, cost_nano, tokens)
-        return await asyncio.to_thread(self._settle, adm.plan, cost_nano, tokens)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._flush())
+        fut: asyncio.Future[list[Crossing]] = asyncio.get_running_loop().create_future()
+        self._pending.append((adm.plan, cost_nano, tokens, fut))
+        self._wake.set()
+        return await fut
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for *_, fut in self._pending:
+            fut.cancel()
+        if self._pending:
+            log.error("%d budget settles not applied at shutdown (the ledger has them)",
+                      len(self._pending))
 
     async def release(self, adm: Admission) -> None:
         self.rates.release_now(adm)
