@@ -22,7 +22,7 @@ from .budget_policy import (
     RateSpec,
     parse_scope,
 )
-from .identity import Actor, Identity, Invalid, NotFound
+from .identity import Actor, Forbidden, Identity, Invalid, NotFound
 
 StatusFn = Callable[[], list[BudgetStatus]]
 
@@ -63,7 +63,8 @@ def _spec_json(scope: str, spec: BudgetSpec, source: str) -> dict[str, Any]:
 
 
 def install_limits(app: FastAPI, identity: Identity, actor: Callable[..., Actor],
-                   config_book: LimitBook, status: StatusFn | None) -> None:
+                   config_book: LimitBook, status: StatusFn | None,
+                   rebuild: Callable[[], str] | None = None) -> None:
     Who = Annotated[Actor, Depends(actor)]
     r = APIRouter(prefix="/v1", tags=["budgets"])
     store = identity.store
@@ -128,6 +129,16 @@ def install_limits(app: FastAPI, identity: Identity, actor: Callable[..., Actor]
             raise Invalid("budget status needs the limiter (run it against the gateway)")
         return [status_json(s) for s in status()
                 if who.role == "root" or visible(who, s.scope)]
+
+    @r.post("/budgets/rebuild")
+    def rebuild_counters(who: Who) -> dict[str, Any]:
+        if who.role != "root":
+            raise Forbidden("only root may rebuild the budget counters")
+        if rebuild is None:
+            raise Invalid("rebuild needs the limiter")
+        done = rebuild()
+        identity.audit(who, "budget.rebuild", "all", result=done)
+        return {"rebuilt": done}
 
     @r.get("/rate-limits")
     def list_rates(who: Who) -> list[dict[str, Any]]:

@@ -32,6 +32,7 @@ from .budget_policy import (
 )
 from .call import Call
 from .limiter.base import Crossing, Limiter, LimiterUnavailable, refusal_unavailable
+from .limiter.redis import RedisLimiter
 from .policy import Provider, Settings
 from .pricing import price_call
 from .protocols.openai_responses import estimate_tokens
@@ -178,6 +179,16 @@ class Budgets:
             task.cancel()
 
     # -- reporting ----------------------------------------------------------------------------
+
+    async def rebuild(self) -> str:
+        """Re-derive the live counters from the ledger (after an outage)."""
+        primary = getattr(self.limiter, "primary", self.limiter)
+        if isinstance(primary, RedisLimiter):
+            await primary.forget()
+            return "redis counters marked stale: the next call rebuilds them from the ledger"
+        n = await asyncio.to_thread(self.store.rebuild_budget_counters,
+                                    list(windows(datetime.now(UTC), self.tz)))
+        return f"{n} counters rebuilt from the ledger"
 
     async def status(self) -> list[BudgetStatus]:
         return await self.limiter.status(self.lines())

@@ -13,8 +13,8 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import httpx
 from fastapi import FastAPI
@@ -30,6 +30,7 @@ from .policy import Settings
 from .store.sql import open_store
 from .vault.spec import open_vault
 
+T = TypeVar("T")
 ENV_URL = "AGENT_EGRESS_ADMIN_URL"
 ENV_TOKEN = "AGENT_EGRESS_ADMIN_TOKEN"  # noqa: S105 - an environment variable name
 
@@ -66,7 +67,8 @@ class Api:
             actor_dep = admin_api.install(app, identity, self.notify)
             install_limits(app, identity, actor_dep,
                            LimitBook.from_config(s.budgets, s.rate_limits),
-                           lambda: asyncio.run(local_budget_status(s)))
+                           lambda: asyncio.run(local_budget_status(s)),
+                           lambda: asyncio.run(local_budget_rebuild(s)))
             root = Actor(id=cli_actor(), role="root", source="cli")
             app.dependency_overrides[actor_dep] = lambda: root
             self._app = app
@@ -229,8 +231,8 @@ def fail(e: ApiError) -> int:
     return 1
 
 
-async def local_budget_status(settings: Settings) -> list[BudgetStatus]:
-    """Budget status from this machine's limiter (SQL, or the configured Redis)."""
+async def _with_budgets(settings: Settings, action: Callable[[Any], Awaitable[T]]) -> T:
+    """Run one action on this machine's limiter (SQL, or the configured Redis)."""
     from agent_egress.exporters.prometheus import Metrics
 
     from .budgets import Budgets
@@ -240,7 +242,15 @@ async def local_budget_status(settings: Settings) -> list[BudgetStatus]:
     budgets = Budgets(settings, store, open_limiter(settings, store), Metrics())
     try:
         await budgets.refresh()
-        return await budgets.status()
+        return await action(budgets)
     finally:
         await budgets.limiter.close()
         store.close()
+
+
+async def local_budget_status(settings: Settings) -> list[BudgetStatus]:
+    return await _with_budgets(settings, lambda b: b.status())
+
+
+async def local_budget_rebuild(settings: Settings) -> str:
+    return await _with_budgets(settings, lambda b: b.rebuild())

@@ -29,6 +29,8 @@ def run_budget_verb(api: Api, args: argparse.Namespace) -> Any:
     if verb == ("budget", "delete"):
         return api.call("DELETE", "/budgets", params={"scope": args.scope,
                                                       "period": args.period})
+    if verb == ("budget", "rebuild"):
+        return api.call("POST", "/budgets/rebuild")
     if verb == ("ratelimit", "list"):
         return api.call("GET", "/rate-limits")
     if verb == ("ratelimit", "set"):
@@ -59,6 +61,9 @@ def add_budget_parsers(sub: Any, handler: Callable[[argparse.Namespace], int]) -
     d.add_argument("--scope", required=True, help=scope_help)
     d.add_argument("--period", required=True, choices=("daily", "weekly", "monthly", "total"))
     d.set_defaults(columns=("scope", "period", "deleted"))
+    rb = b.add_parser("rebuild", help="re-derive the live counters from the ledger (root;"
+                      " after a database outage; run while the gateways are idle)")
+    rb.set_defaults(columns=("rebuilt",))
     r = sub.add_parser("ratelimit", help="rate limits per user or key: list, set, delete"
                        ).add_subparsers(dest="sub", required=True)
     rl = r.add_parser("list")
@@ -72,7 +77,7 @@ def add_budget_parsers(sub: Any, handler: Callable[[argparse.Namespace], int]) -
     rd = r.add_parser("delete")
     rd.add_argument("--scope", required=True, help=scope_help)
     rd.set_defaults(columns=("scope", "deleted"))
-    for q in (st, ls, s, d, rl, rs, rd):
+    for q in (st, ls, s, d, rb, rl, rs, rd):
         q.add_argument("--format", choices=("table", "json"), default="table")
         q.set_defaults(func=handler)
         remote_options(q)

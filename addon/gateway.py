@@ -352,7 +352,8 @@ async def start(settings: Settings) -> Gateway:
 
     actor_dep = admin_api.install(gw.admin.app, identity, on_key_change)
     install_limits(gw.admin.app, identity, actor_dep, budgets.base,  # budgets (issue 5)
-                   lambda: asyncio.run_coroutine_threadsafe(budgets.status(), loop).result(10))
+                   lambda: asyncio.run_coroutine_threadsafe(budgets.status(), loop).result(10),
+                   lambda: asyncio.run_coroutine_threadsafe(budgets.rebuild(), loop).result(60))
     await gw.admin.start()
     if tracer is not None:
         gw._sweeper = asyncio.get_running_loop().create_task(gw._sweep_sessions(tracer))

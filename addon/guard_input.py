@@ -43,7 +43,7 @@ def scan_segments(engine: Engine, todo: Sequence[tuple[str, items.Segment]]
 class GuardInput:
     def __init__(self, max_body_bytes: int, guardrails: Guardrails | None = None,
                  cache: VerdictCache | None = None, recorder: Recorder | None = None,
-                 holdback: int = 128, inline_scan_bytes: int = 2048) -> None:
+                 holdback: int = 64, inline_scan_bytes: int = 2048) -> None:
         self.max_body_bytes = max_body_bytes
         self.guardrails = guardrails
         # not `cache or ...`: an empty cache is falsy (len 0), and replacing it dropped

@@ -24,6 +24,8 @@ from fakeprovider import FakeProvider
 from test_replicas import _replicas, _start_both
 
 from agent_egress.addon.budget_policy import NANO_PER_USD
+from agent_egress.addon.limiter.sql import SQLLimiter
+from agent_egress.addon.store.base import usd_to_nano
 from agent_egress.addon.store.sql import SQLStore
 
 BODY: dict[str, Any] = {"model": "gpt-5.5", "input": [{"role": "user", "content": "hi"}],
@@ -312,7 +314,7 @@ def test_postgres_down_spools_the_ledger_and_replays_it(tmp_path: Path,
         gw = make_gateway(tmp_path, fake.base_url, database_url=pg.url,
                           shutdown={"drain_seconds": 2})
         gw.start()
-        token, _ = gw.issue_token()
+        token, key_id = gw.issue_token()
         assert _post(gw, token).status_code == 200
         pg.halt()  # the database goes away with the gateway serving
         served = sum(_post(gw, token).status_code == 200 for _ in range(5))
@@ -327,6 +329,14 @@ def test_postgres_down_spools_the_ledger_and_replays_it(tmp_path: Path,
             while len(store.ledger_rows()) < 6 and time.monotonic() < deadline:
                 time.sleep(0.1)
             assert len(store.ledger_rows()) == 6
+            # settles pending at shutdown are in the ledger, not the live counters:
+            # `budget rebuild` re-derives the counters from it
+            rebuilt = json.loads(gw.cli("budget", "rebuild", "--format", "json").stdout)
+            assert "rebuilt from the ledger" in rebuilt["rebuilt"]
+            sl = SQLLimiter(store.engine)
+            total = sl.counters([f"key:{key_id}|total"])[f"key:{key_id}|total"]
+            assert total == (sum(usd_to_nano(r.cost_usd) or 0 for r in store.ledger_rows()),
+                             6 * fake.usage.total_tokens)
         finally:
             store.close()
         assert not (gw.home / "ledger-spool.jsonl").exists()

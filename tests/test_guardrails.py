@@ -44,6 +44,7 @@ def engine(**policy: object) -> Engine:
 
 
 DEFAULT = engine()
+HOLDBACK = GuardrailsConfig().holdback_chars  # the stream tests run at the default window
 
 
 def scan_out(text: str) -> list[Finding]:
@@ -254,7 +255,7 @@ def test_split_secret_never_reaches_client_responses(pre: str, post: str, which:
     secret = SECRETS[which]
     text = pre + " " + secret + " " + post  # a secret is its own token
     args = json.dumps({"cmd": f"echo {secret}"})
-    guard = OutputGuard("openai.responses", scan_out, 128, lambda f: "blocked")
+    guard = OutputGuard("openai.responses", scan_out, HOLDBACK, lambda f: "blocked")
     out = _feed(guard, _responses_stream(text, [c % (len(text) + 1) for c in cuts], args), net)
     assert secret.encode() not in out
     deltas, fulls = _client_texts(out)
@@ -271,7 +272,7 @@ def test_split_secret_never_reaches_client_responses(pre: str, post: str, which:
 @given(pre=filler, post=filler, cuts=st.lists(st.integers(0, 600), max_size=30))
 def test_split_secret_never_reaches_client_chat(pre: str, post: str, cuts: list[int]) -> None:
     text = pre + " " + AWS + " " + post
-    guard = OutputGuard("openai.chat", scan_out, 128, lambda f: "blocked")
+    guard = OutputGuard("openai.chat", scan_out, HOLDBACK, lambda f: "blocked")
     out = _feed(guard, _chat_stream(text, [c % (len(text) + 1) for c in cuts]), cuts)
     deltas, _ = _client_texts(out)
     assert AWS.encode() not in out
@@ -279,11 +280,37 @@ def test_split_secret_never_reaches_client_chat(pre: str, post: str, cuts: list[
     assert out.endswith(b"data: [DONE]\n\n")
 
 
+SPACED = {"iban": "DE89 3704 0044 0532 0130 00", "card": "4111 1111 1111 1111"}
+PII_OUT = engine(secrets={"enabled": False}, injection={"enabled": False},
+                 pii={"directions": ["model_output"], "action": "redact",
+                      "entities": ["IBAN_CODE", "CREDIT_CARD"]})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pre=filler, post=filler, which=st.sampled_from(sorted(SPACED)),
+       cuts=st.lists(st.integers(min_value=0, max_value=800), max_size=40))
+def test_spaced_match_within_default_holdback_is_redacted_whole(pre: str, post: str, which: str,
+                                                                cuts: list[int]) -> None:
+    """Whitespace splits a match into runs: only the hold-back window keeps the first
+    groups back, so the default must cover the built-in spaced formats."""
+    value = SPACED[which]
+    text = pre + " " + value + " " + post
+
+    def scan(t: str) -> list[Finding]:
+        return PII_OUT.scan(t, "model_output", "assistant")
+
+    guard = OutputGuard("openai.chat", scan, HOLDBACK, lambda f: "blocked")
+    out = _feed(guard, _chat_stream(text, [c % (len(text) + 1) for c in cuts]), cuts)
+    deltas, _ = _client_texts(out)
+    assert deltas == redact(text, scan(text)) and "[REDACTED:pii." in deltas
+    assert value.split(" ")[1].encode() not in out
+
+
 def test_block_mid_stream_ends_with_response_failed() -> None:
     e = engine(secrets={"action": "block"})
     text = "ok so far " * 30 + AWS + " never sent"
     guard = OutputGuard("openai.responses", lambda s: e.scan(s, "model_output", "assistant"),
-                        128, lambda f: f"agent-egress: blocked by {f.rule}")
+                        HOLDBACK, lambda f: f"agent-egress: blocked by {f.rule}")
     out = _feed(guard, _responses_stream(text, list(range(0, len(text), 5)), "{}"), [])
     assert guard.blocked is not None and AWS.encode() not in out
     last = out.decode().strip().split("\n\n")[-1]

@@ -261,6 +261,10 @@ class Store(abc.ABC):
         """Ledger spend (nano-USD, tokens) per counter id (scope|window) since each window."""
 
     @abc.abstractmethod
+    def rebuild_budget_counters(self, windows: Sequence[Window]) -> int:
+        """Embedded limiter counters := ledger sums for these windows; returns how many."""
+
+    @abc.abstractmethod
     def list_budgets(self) -> list[tuple[str, BudgetSpec]]: ...
 
     @abc.abstractmethod

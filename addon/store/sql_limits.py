@@ -8,12 +8,12 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Engine, delete, func, select
+from sqlalchemy import Engine, delete, func, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from ..budget_policy import NANO_PER_USD, BudgetSpec, RateSpec, Window, counter_id
-from .schema import budgets, ledger, rate_limits
+from .schema import budget_counters, budgets, ledger, rate_limits
 
 _TOKENS = ledger.c.input_tokens + ledger.c.cache_write_tokens + ledger.c.output_tokens
 """Tokens a call counts against token budgets: Usage.total_tokens, in SQL."""
@@ -29,6 +29,25 @@ class SQLLimitsMixin:
             stmt = ins.values(**values).on_conflict_do_update(
                 index_elements=keys, set_={k: v for k, v in values.items() if k not in keys})
             conn.execute(stmt)
+
+    def rebuild_budget_counters(self, windows: Sequence[Window]) -> int:
+        """Reset the embedded limiter's counters for these windows to the ledger's sums.
+
+        For after an outage that left settles unapplied. Takes the write lock, so
+        settles wait; a call settled but not yet in the ledger is missed, so run it
+        while the gateways are idle.
+        """
+        sums = self.budget_sums(windows)
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("LOCK TABLE budget_counters IN EXCLUSIVE MODE"))
+            for win in windows:
+                conn.execute(delete(budget_counters).where(
+                    budget_counters.c.counter.like(f"%|{win.key}")))
+            if sums:
+                conn.execute(budget_counters.insert(), [
+                    {"counter": c, "nano": n, "tokens": t} for c, (n, t) in sums.items()])
+        return len(sums)
 
     def budget_sums(self, windows: Sequence[Window]) -> dict[str, tuple[int, int]]:
         scopes: tuple[tuple[str, tuple[Any, ...]], ...] = (
