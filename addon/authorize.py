@@ -46,8 +46,7 @@ def request_tags(headers: http.Headers) -> dict[str, str]:
 
 
 class Authorize:
-    def __init__(self, provider: str) -> None:
-        self.provider = provider
+    """Model and API scopes. The provider scope is route's: it knows the candidates."""
 
     @timed
     def request(self, flow: http.HTTPFlow) -> None:
@@ -59,7 +58,6 @@ class Authorize:
         for what, value, allowed, code in (
             ("models", model, key.allowed_models, "model_not_allowed"),
             ("APIs", call.api, key.allowed_routes, "route_not_allowed"),
-            ("providers", self.provider, key.allowed_providers, "provider_not_allowed"),
         ):
             if not matches_any(value, allowed):
                 refuse(flow, call, 403, f"gateway token {key.id} may use {what}"

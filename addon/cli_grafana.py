@@ -66,6 +66,7 @@ def push(url: str, token: str, folder: str = "agent-egress",
                                         "message": "agent-egress grafana push"})
         done.append(f"dashboard {d.body['uid']}")
     for group in grafana_alerting.grafana_rules(datasource_uid, folder_uid=folder):
+        group = {**group, "rules": [{**r, "orgID": 1} for r in group["rules"]]}
         api.alertingprovisioning.update_rule_group(folder, group["title"], group)
         done.append(f"rule group {group['title']} ({len(group['rules'])} rules)")
     return done
@@ -77,8 +78,12 @@ def cmd_push(args: argparse.Namespace) -> int:
     try:
         done = push(args.url, args.token, folder=args.folder,
                     datasource_uid=args.datasource_uid, timeout=args.timeout)
-    except (GrafanaException, OSError) as e:
-        # the message carries status and Grafana's error text, never the token
+    except GrafanaException as e:
+        # status and Grafana's own message; never the token
+        print(f"agent-egress: grafana push to {args.url} failed: HTTP {e.status_code}:"
+              f" {e.message}", file=sys.stderr)
+        return 1
+    except OSError as e:  # connection refused, DNS, TLS (requests' errors are OSErrors)
         print(f"agent-egress: grafana push to {args.url} failed: {e}", file=sys.stderr)
         return 1
     for line in done:

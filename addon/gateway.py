@@ -301,7 +301,7 @@ async def start(settings: Settings) -> Gateway:
         inflight,
         Authenticate(keys, hash_keys.token),
         guard_input,
-        Authorize(settings.provider().name),
+        Authorize(),
         Admit(budgets),
         Route(providers, settings.provider().name, settings.routes, keyring, failover),
         StreamTap(),

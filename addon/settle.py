@@ -41,6 +41,10 @@ def estimate_usage(call: Call) -> Usage:
 
 
 def outcome_of(call: Call, estimated: bool) -> str:
+    if call.failover_reason is not None:
+        return "failover"  # the client was told to retry; the retry went elsewhere
+    if call.error == "budget_cutoff":
+        return "budget_cutoff"
     if call.error is not None:
         return "upstream_unreachable" if call.status_code is None else "stream_error"
     if call.status_code is None or call.status_code >= 400:
@@ -109,7 +113,9 @@ class Settle:
         call: Call | None = flow.metadata.get(METADATA_KEY)
         if call is None or call.settled:
             return
-        call.error = flow.error.msg if flow.error else "unknown error"
+        # keep a cause the gateway recorded itself (budget cut-off, failover) over
+        # mitmproxy's generic message for the connection it then closed
+        call.error = call.error or (flow.error.msg if flow.error else "unknown error")
         if call.provider is not None and call.status_code is None and flow.response is None:
             # Upstream never answered: mitmproxy will now write its error page;
             # hand it our JSON body with this call's request id.

@@ -114,7 +114,7 @@ def recording_rules(spec: Spec = SPEC) -> list[dict[str, Any]]:
             # cost per second x 30 days / monthly budget; group_right keeps `mode`
             rules.append({"record": burn_record(scope, w),
                           "expr": f"{cost_rate_record(scope, w)} * {MONTH_SECONDS}"
-                                  f" / on ({_by(scope.by)}) group_right"
+                                  f" / on ({_by(scope.by)}) group_right()"
                                   f" {budget_record(scope)}"})
     return rules
 

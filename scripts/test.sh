@@ -27,6 +27,7 @@ if command -v dpkg-query >/dev/null; then
   command -v npm >/dev/null || apt_install npm
   python3 -c "import venv, ensurepip" 2>/dev/null || apt_install python3-venv
   command -v prometheus >/dev/null || apt_install prometheus
+  command -v chromium >/dev/null || apt_install chromium  # renders the finance report (headless)
   # The tests use PostgreSQL and Redis on 127.0.0.1 when running, else start their own
   # from these binaries on free ports.
   command -v redis-server >/dev/null || apt_install redis-server

@@ -43,7 +43,7 @@ def test_burn_windows_and_factors_are_the_sre_workbooks() -> None:
     # burn rate = spend per second x 30 days / monthly budget
     rec = {r["record"]: r["expr"] for g in doc["groups"] for r in g["rules"] if "record" in r}
     assert rec["agent_egress_team:budget_burn_rate:rate1h"] == (
-        "agent_egress_team:cost_usd:rate1h * 2592000 / on (org, team) group_right"
+        "agent_egress_team:cost_usd:rate1h * 2592000 / on (org, team) group_right()"
         " agent_egress_team:budget_monthly_usd:max")
 
 

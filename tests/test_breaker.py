@@ -136,3 +136,75 @@ async def test_breaker_without_redis_stays_local() -> None:
         assert board.redis_ok is False, "Redis down: noticed, local breakers only"
     finally:
         await board.stop()
+
+
+def test_failover_and_breaker_changes_are_metrics_and_span_events() -> None:
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from agent_egress.addon.call import Call
+    from agent_egress.addon.failover import Attempt, FailoverState
+    from agent_egress.addon.policy import FailoverSettings, Provider
+    from agent_egress.exporters.otel import CallTrace, SessionTracer, build_tracer_provider
+    from agent_egress.exporters.prometheus import Metrics
+
+    metrics = Metrics()
+    pa, pb = (Provider(name=n, base_url=f"http://{n}.internal/v1", key="k") for n in "ab")
+    state = FailoverState(FailoverSettings(breaker=BreakerSettings(failures=1)),
+                          {"a": pa, "b": pb}, metrics)
+    failed = Call(api="openai.responses", session_id="s1")
+    state.failed(failed, Attempt(pa, "k", ["a", "b"], "s1", b"{}", ("a.internal", 80)),
+                 "status_500")
+    retry = Call(api="openai.responses", session_id="s1")
+    state.failover(retry, "a", "b", "status_500")
+    sample = metrics.registry.get_sample_value
+    assert sample("agent_egress_breaker_state", {"provider": "a", "key": "k"}) == 2
+    assert sample("agent_egress_breaker_state", {"provider": "b", "key": "k"}) == 0
+    assert sample("agent_egress_failovers_total", {"from_provider": "a", "to_provider": "b",
+                                                   "reason": "status_500"}) == 1
+
+    provider = build_tracer_provider(exporter="none", sample_ratio=1.0)
+    spans = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    tracer = SessionTracer(provider)
+    for n, c in enumerate((failed, retry)):
+        tracer.record(CallTrace(
+            request_id=c.request_id, session_id="s1", turn_id="t1", start_ns=n * 10**9,
+            first_byte_ns=None, end_ns=n * 10**9 + 1, api=c.api, provider="ab"[n],
+            provider_kind="openai", server_address=None, server_port=None,
+            request_model="gpt-5.5", response_model=None, response_id=None, finish_reasons=(),
+            usage=None, usage_estimated=False, cost_usd=None, org="o", team="t", user="u",
+            key_id="key", status_code=500 if n == 0 else 200,
+            outcome="upstream_error" if n == 0 else "ok", error_type=None, tool_calls=(),
+            tool_output_ids=(), traceparent=None, events=tuple(c.route_events)))
+    chat = sorted((s for s in spans.get_finished_spans() if s.name.startswith("chat")),
+                  key=lambda s: s.start_time or 0)
+    assert [(e.name, dict(e.attributes or {})) for e in chat[0].events] == [
+        ("agent_egress.breaker", {"provider": "a", "key": "k", "from_state": "closed",
+                                  "to_state": "open", "reason": "status_500"})]
+    assert [(e.name, dict(e.attributes or {})) for e in chat[1].events] == [
+        ("agent_egress.failover", {"from_provider": "a", "to_provider": "b",
+                                   "reason": "status_500"})]
+
+
+def test_provider_paths_per_kind() -> None:
+    from agent_egress.addon.policy import Provider
+    from agent_egress.addon.route import provider_path
+
+    classic = Provider(name="az", kind="azure_openai", key="k", api_version="2025-04-01-preview",
+                       base_url="https://acme.openai.azure.com/openai", models={"gpt-5*": "dep"})
+    v1 = Provider(name="az1", kind="azure_openai", key="k",
+                  base_url="https://acme.openai.azure.com/openai/v1")
+    plain = Provider(name="vllm", kind="openai_compatible", key="k", chat_only=True,
+                     base_url="http://vllm:8000/v1")
+    dep = classic.model_for("gpt-5.5")
+    assert dep == "dep" and classic.model_for("o3") == "o3"
+    assert provider_path(classic, "/openai", "/v1/chat/completions", "openai.chat", dep,
+                         False) == ("/openai/deployments/dep/chat/completions"
+                                    "?api-version=2025-04-01-preview")
+    assert provider_path(classic, "/openai", "/v1/responses", "openai.responses", dep,
+                         False) == "/openai/responses?api-version=2025-04-01-preview"
+    assert provider_path(v1, "/openai/v1", "/v1/responses", "openai.responses", "m",
+                         False) == "/openai/v1/responses"
+    assert provider_path(plain, "/v1", "/v1/responses", "openai.responses", "m",
+                         True) == "/v1/chat/completions"

@@ -376,7 +376,7 @@ def test_mid_stream_cut_off_ends_the_stream_codex_shows_why(tmp_path: Path,
         err = events[-1]["response"]["error"]
         assert err["type"] == "budget_exceeded" and "would pass a hard budget" in err["message"]
         rows = gw.wait_ledger(1)
-        assert rows and rows[0]["outcome"] != "ok" and rows[0]["cost_usd"] > 0
+        assert rows and rows[0]["outcome"] == "budget_cutoff" and rows[0]["cost_usd"] > 0
         # Codex (another team, budget untouched): stops at the event, shows why, no retry
         token2, _ = gw.issue_token(user="bob", team="platform")
         before = len(fake.requests)

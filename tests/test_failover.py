@@ -255,3 +255,38 @@ def test_chat_only_provider_drives_codex_tool_loop(tmp_path: Path) -> None:
                 assert not row["usage_estimated"]
         finally:
             gw.stop()
+
+
+def test_connect_timeout_is_ours_and_json(tmp_path: Path) -> None:
+    """mitmproxy has no connect timeout: a provider whose SYNs go unanswered (a full
+    accept queue) is given up after timeouts.connect, with a JSON 502, and the retry of
+    the same request goes to b."""
+    import socket
+
+    with socket.socket() as blackhole, socket.socket() as filler, FakeProvider() as b:
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(0)
+        filler.connect(blackhole.getsockname())  # the queue is full: later SYNs are dropped
+        slow = f"http://127.0.0.1:{blackhole.getsockname()[1]}/v1"
+        gw = make_gateway(tmp_path, slow,
+                          providers=[provider("a", slow), provider("b", b.base_url)],
+                          routes=[{"model": "*", "providers": ["a", "b"]}])
+        gw.start()
+        try:
+            token, _ = gw.issue_token()
+            body = {"model": "gpt-5.5", "input": "hi", "stream": True}
+            hdrs = {"authorization": f"Bearer {token}", "session-id": "s-connect"}
+            t0 = time.monotonic()
+            r = httpx.post(f"{gw.base_url}/responses", headers=hdrs, json=body, timeout=30)
+            took = time.monotonic() - t0
+            assert r.status_code == 502 and 1.0 <= took < 2.5, (r.status_code, took)
+            err = r.json()["error"]
+            assert err["code"] == "upstream_unreachable" and "connect timeout" in err["message"]
+            assert "retry goes to 'b'" in err["message"]
+            r = httpx.post(f"{gw.base_url}/responses", headers=hdrs, json=body, timeout=30)
+            assert r.status_code == 200 and "response.completed" in r.text
+            assert len(b.requests_to("/responses")) == 1
+            assert metric(gw, 'agent_egress_failovers_total{from_provider="a",'
+                          'reason="connect_timeout",to_provider="b"}') == 1
+        finally:
+            gw.stop()

@@ -3,8 +3,8 @@
 the ledger panels run on the gateway's real PostgreSQL ledger.
 
 Each query must reference only metrics the gateway exports (so renaming a metric without
-fixing a panel fails here) and must return data, except the panels listed in
-MAY_BE_EMPTY with the reason one Codex session cannot fill them.
+fixing a panel fails here) and must return data, except queries on the metrics listed in
+MAY_BE_EMPTY, with the reason this run cannot fill them.
 """
 
 from __future__ import annotations
@@ -41,9 +41,10 @@ SQL_VARS = {"${org:sqlstring}": "'.*'", "${team:sqlstring}": "'.*'",
             "${model:sqlstring}": "'.*'", "$__interval": "'15 seconds'::interval"}
 
 MAY_BE_EMPTY = {
-    # panel title -> why one Codex session through one provider leaves it empty
-    "Failovers": "no failover configured: no provider failed over",
-    "Circuit breaker state": "no failover configured: no breaker exists",
+    # metric -> why one Codex session through one provider leaves a query on it empty
+    "agent_egress_failovers_total": "no failover configured: no provider failed over",
+    "agent_egress_breaker_state": "no failover configured: no breaker exists",
+    "agent_egress_stream_cuts_total": "no upstream stream was cut",
 }
 RULES_MAY_BE_EMPTY_PREFIXES = ("AgentEgress",)
 """Alert expressions return series only while firing; a healthy run fires none, so they
@@ -148,9 +149,11 @@ def test_every_panel_and_rule_runs_on_real_data(tmp_path: Path, fake: FakeProvid
     gw = make_gateway(
         tmp_path, fake.base_url, database_url=pg_url,
         budgets={"teams": {"acme/payments": [{"period": "monthly", "usd": "720"}]},
-                 "orgs": {"acme": [{"period": "daily", "usd": "100", "mode": "soft"}]}},
+                 "orgs": {"acme": [{"period": "monthly", "usd": "1000", "mode": "soft"}]}},
         guardrails={"default": {"custom": [
             {"name": "tool-words", "keywords": ["tool"], "action": "flag",
+             "directions": ["input"]},
+            {"name": "no-launch-codes", "keywords": ["launch-codes"], "action": "block",
              "directions": ["input"]}]}})
     # the same rules, evaluated every second instead of every 30 s
     doc = yaml.safe_load(RULES.read_text())
@@ -168,9 +171,19 @@ def test_every_panel_and_rule_runs_on_real_data(tmp_path: Path, fake: FakeProvid
         body = {"model": "gpt-5.5", "input": "hi", "stream": False}
         assert httpx.post(f"{gw.base_url}/responses", json=body, timeout=10,
                           headers={"authorization": "Bearer nope"}).status_code == 401
+        blocked = {**body, "input": "print the launch-codes"}
+        assert httpx.post(f"{gw.base_url}/responses", json=blocked, timeout=10,
+                          headers={"authorization": f"Bearer {token}"}).status_code == 400
         fake.fail_next = [500]
         httpx.post(f"{gw.base_url}/responses", json=body, timeout=10,
                    headers={"authorization": f"Bearer {token}"})
+        # one more priced call once Prometheus holds the session's cost, so rates are > 0
+        deadline = time.monotonic() + 15
+        while not prom.query("agent_egress_cost_usd_total") and time.monotonic() < deadline:
+            time.sleep(0.3)
+        time.sleep(1.5)
+        assert httpx.post(f"{gw.base_url}/responses", json=body, timeout=10,
+                          headers={"authorization": f"Bearer {token}"}).status_code == 200
         rows = pg_ledger(pg_url, len(fake.requests_to("/v1/responses")))
         # wait until Prometheus has the last call and the rules evaluated twice since
         deadline = time.monotonic() + 30
@@ -199,7 +212,7 @@ def test_every_panel_and_rule_runs_on_real_data(tmp_path: Path, fake: FakeProvid
         for dash, title, kind, q in panel_queries():
             where = f"{dash} / {title}"
             if kind == "prometheus":
-                check_promql(where, q, title not in MAY_BE_EMPTY)
+                check_promql(where, q, not metric_refs(q) & MAY_BE_EMPTY.keys())
                 checked["prometheus"] += 1
             elif kind == "grafana-postgresql-datasource":
                 sql = substitute(q, SQL_VARS).replace(
@@ -240,12 +253,15 @@ def test_every_panel_and_rule_runs_on_real_data(tmp_path: Path, fake: FakeProvid
                     problems.append(f"rule {r['name']}: {r['health']} {r.get('lastError')}")
         assert not problems, "\n".join(problems)
         assert checked["prometheus"] >= 30 and checked["sql"] == 3 and checked["rules"] >= 40
-        # the burn rate is the real one: cost so far / (720 USD / 30 d), as a rate over 5m
-        cost = float(sum(r.cost_usd for r in rows if r.cost_usd is not None))
-        assert cost > 0
+        # the burn rate is spend per hour over the even pace of 720 USD / 30 days (1 USD/h)
+        assert sum(r.cost_usd for r in rows if r.cost_usd is not None) > 0
         burn = prom.query('agent_egress_team:budget_burn_rate:rate5m{team="payments"}')
         assert burn and burn[0]["metric"]["mode"] == "hard"
         assert float(burn[0]["value"][1]) > 0
+        ratio = prom.query('agent_egress_team:budget_burn_rate:rate5m{team="payments"}'
+                           ' / on (org, team) group_left()'
+                           ' (agent_egress_team:cost_usd:rate5m * 3600)')
+        assert float(ratio[0]["value"][1]) == pytest.approx(1.0)
     finally:
         prom.stop()
         gw.stop()
