@@ -36,7 +36,6 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common as common_models
 from grafana_foundation_sdk.models import dashboard as dm
 from grafana_foundation_sdk.models import prometheus as prom_models
-from grafana_foundation_sdk.models import tempo as tempo_models
 
 PROM = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
 LEDGER = dm.DataSourceRef(type_val="grafana-postgresql-datasource", uid="${ledger}")
@@ -263,8 +262,9 @@ def latency() -> dashboard.Dashboard:
            [prom(f"sum by (model, provider) (rate({calls}}}[$__rate_interval]))",
                  "{{model}} via {{provider}}")]),
         ts("Errors by type", "Calls that did not end ok, per outcome (upstream_error,"
-           " upstream_unreachable, stream_error, stream_cut, response_failed), and upstream"
-           " streams cut, per reason.", "reqps",
+           " upstream_unreachable, stream_error, stream_cut, response_failed, failover, and"
+           " budget_cutoff: our own budget cut, not a provider error), and upstream streams"
+           " cut, per reason.", "reqps",
            [prom(f'sum by (outcome) (rate({calls},outcome!="ok"}}[$__rate_interval]))',
                  "{{outcome}}", "A"),
             prom("sum by (provider, reason) (rate(agent_egress_stream_cuts_total"
@@ -349,14 +349,16 @@ def sessions() -> dashboard.Dashboard:
              " GROUP BY 1 ORDER BY 1", "time_series"))),
         (table.Panel().title("Tool calls per session").description(
             "execute_tool spans (one per tool the agent ran, reconstructed from call ids;"
-            " includes human approval time) grouped by session, from Tempo.").unit("short")
+            " includes human approval time) counted per session over the range, from Tempo"
+            " (TraceQL metrics, summed per series).").unit("short")
          .datasource(TRACES).span(12).height(8)
          .with_target(tempo.TempoQuery().ref_id("A").query_type("traceql").query(
-             tool + " | count() by (span.gen_ai.conversation.id)").limit(50)
-             .table_type(tempo_models.SearchTableType.SPANS))),
+             tool + " | count_over_time() by (span.gen_ai.conversation.id)"))
+         .with_transformation(dm.DataTransformerConfig(
+             id_val="reduce", options={"mode": "seriesToRows", "reducers": ["sum"]}))),
         (timeseries.Panel().title("Tool execution time by tool").description(
             "p50/p95 duration of execute_tool spans per tool name (TraceQL metrics: needs"
-            " Tempo's local-blocks metrics processor, as in the compose stack).").unit("ns")
+            " Tempo's local-blocks metrics processor, as in the compose stack).").unit("s")
          .datasource(TRACES).span(24).height(8)
          .with_target(tempo.TempoQuery().ref_id("A").query_type("traceql").query(
              tool + " | quantile_over_time(duration, .5, .95) by (span.gen_ai.tool.name)"))),

@@ -60,7 +60,10 @@ class Spec:
         ScopeKind("org", ("org",), (("org", "org:(.+)"),)),
     )
     error_ratio: float = 0.05
-    """Share of settled model calls with an outcome other than ok, per provider, over 5m."""
+    """Share of settled model calls that failed at the provider, per provider, over 5m."""
+    not_errors: tuple[str, ...] = ("ok", "budget_cutoff")
+    """Outcomes that are no provider error (budget_cutoff is our own policy cutting a
+    stream). `failover` counts: that provider failed and the retry went elsewhere."""
     error_for: str = "10m"
     ttft_p95_seconds: float = 15.0
     """p95 time to first byte per provider; reasoning models think before the first token."""
@@ -162,7 +165,8 @@ def other_alerts(spec: Spec = SPEC) -> list[dict[str, Any]]:
         "sum by (scope_kind, scope, period)"
         " (increase(agent_egress_budget_exceeded_total{mode=\"soft\"}[1h])) > 0")
     errors = (
-        "sum by (provider) (rate(agent_egress_model_calls_total{outcome!=\"ok\"}[5m]))\n/\n"
+        "sum by (provider) (rate(agent_egress_model_calls_total"
+        f"{{outcome!~\"{'|'.join(spec.not_errors)}\"}}[5m]))\n/\n"
         "sum by (provider) (rate(agent_egress_model_calls_total[5m]))\n"
         f"> {spec.error_ratio:g}")
     ttft = (
@@ -189,7 +193,7 @@ def other_alerts(spec: Spec = SPEC) -> list[dict[str, Any]]:
                         " calls fail",
              "description": f"More than {spec.error_ratio:.0%} of settled calls to"
                             " {{ $labels.provider }} ended in an upstream error, a cut"
-                            " stream or a failed response over 5m."}},
+                            " stream, a failed response or a failover over 5m."}},
         {"alert": "AgentEgressTTFTHigh", "expr": ttft, "for": spec.ttft_for,
          "labels": {"severity": "ticket"},
          "annotations": {

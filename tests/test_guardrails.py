@@ -44,11 +44,13 @@ def engine(**policy: object) -> Engine:
 
 
 DEFAULT = engine()
+ALL_DIRECTIONS = ["input", "tool_output", "model_output"]
+OUTPUT = engine(secrets={"directions": ALL_DIRECTIONS})  # model output is opt-in
 HOLDBACK = GuardrailsConfig().holdback_chars  # the stream tests run at the default window
 
 
 def scan_out(text: str) -> list[Finding]:
-    return DEFAULT.scan(text, "model_output", "assistant")
+    return OUTPUT.scan(text, "model_output", "assistant")
 
 
 # --- policy ------------------------------------------------------------------------
@@ -307,7 +309,7 @@ def test_spaced_match_within_default_holdback_is_redacted_whole(pre: str, post: 
 
 
 def test_block_mid_stream_ends_with_response_failed() -> None:
-    e = engine(secrets={"action": "block"})
+    e = engine(secrets={"action": "block", "directions": ALL_DIRECTIONS})
     text = "ok so far " * 30 + AWS + " never sent"
     guard = OutputGuard("openai.responses", lambda s: e.scan(s, "model_output", "assistant"),
                         HOLDBACK, lambda f: f"agent-egress: blocked by {f.rule}")

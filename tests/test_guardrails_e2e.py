@@ -14,6 +14,8 @@ from fakeprovider import FakeProvider, iter_sse
 AWS = "AKIA" + "QZ7RT2WX9MB4KD6P"
 GH = "ghp_" + "R4nd0mT0kenV4lue" * 2 + "abcd"
 
+ALL_DIRECTIONS = ["input", "tool_output", "model_output"]
+
 
 @pytest.mark.codex
 def test_codex_prompt_with_aws_key_is_blocked(tmp_path: Path, fake: FakeProvider) -> None:
@@ -70,7 +72,8 @@ def _stream(gw_url: str, token: str) -> tuple[str, list[tuple[str | None, str]]]
 
 
 def test_streamed_secret_in_deltas_is_redacted(tmp_path: Path, fake: FakeProvider) -> None:
-    gw = make_gateway(tmp_path, fake.base_url)
+    gw = make_gateway(tmp_path, fake.base_url,  # the output guard is opt-in
+                      guardrails={"default": {"secrets": {"directions": ALL_DIRECTIONS}}})
     gw.start()
     try:
         token, _ = gw.issue_token()
@@ -90,7 +93,8 @@ def test_streamed_secret_in_deltas_is_redacted(tmp_path: Path, fake: FakeProvide
 def test_streamed_secret_blocked_mid_stream_ends_cleanly(tmp_path: Path,
                                                         fake: FakeProvider) -> None:
     gw = make_gateway(tmp_path, fake.base_url,
-                      guardrails={"default": {"secrets": {"action": "block"}}})
+                      guardrails={"default": {"secrets": {"action": "block",
+                                                         "directions": ALL_DIRECTIONS}}})
     gw.start()
     try:
         token, _ = gw.issue_token()
@@ -122,7 +126,8 @@ def test_codex_output_blocked_mid_stream_shows_message_once(tmp_path: Path,
     retried 5 times ("Reconnecting... 1/5".."5/5", six requests to the provider, each
     billed); with ``invalid_prompt`` it stops after the first and prints the message."""
     gw = make_gateway(tmp_path, fake.base_url,
-                      guardrails={"default": {"secrets": {"action": "block"}}})
+                      guardrails={"default": {"secrets": {"action": "block",
+                                                         "directions": ALL_DIRECTIONS}}})
     gw.start()
     try:
         token, _ = gw.issue_token()

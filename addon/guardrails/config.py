@@ -60,6 +60,11 @@ class Check(_Strict):
 
 
 class SecretsCheck(Check):
+    directions: tuple[Direction, ...] = ("input", "tool_output")
+    """model_output is opt-in: its hold-back window delays every stream's first token
+    (~150 ms at 10 ms per 4-character delta, benchmarks/README.md) and costs ~3x the
+    gateway's CPU per stream, while a model that never saw a secret (input blocked,
+    tool outputs redacted) rarely writes one."""
     action: Action | dict[Direction, Action] = Field(default_factory=lambda: _SECRET_ACTIONS)
     detect_secrets: bool = True
     """detect-secrets' regex plugins (never its keyword plugin: too noisy on code)."""
