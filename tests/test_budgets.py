@@ -321,3 +321,24 @@ def test_output_meter_counts_generated_text_across_any_chunking() -> None:
         for i in range(0, len(events), step):
             meter.feed(events[i:i + step])
         assert meter.chars == expected, step
+
+
+def test_redis_down_refuses_only_calls_that_a_limit_applies_to(tmp_path: Path) -> None:
+    from agent_egress.addon.limiter.fallback import FallbackLimiter
+
+    store = SQLStore(f"sqlite:///{tmp_path / 'f.db'}")
+    store.migrate()
+
+    async def go() -> None:
+        dead = f"redis://127.0.0.1:{services.free_port()}/0"
+        lim = FallbackLimiter(RedisLimiter.from_url(dead, "t:", store.budget_sums), "closed",
+                              store.budget_sums)
+        free = await lim.admit(plan(book(None), 1))  # no budget, no rate limit
+        assert isinstance(free, Admission)
+        assert await lim.settle(free, NANO, 10) == []  # counted later, from the ledger
+        limited = await lim.admit(plan(book("1"), 2))
+        assert isinstance(limited, Refusal) and limited.code == "limits_unavailable"
+        await lim.close()
+
+    asyncio.run(go())
+    store.close()

@@ -59,6 +59,8 @@ class FallbackLimiter(Limiter):
             return self.memory
 
     async def admit(self, plan: Plan) -> Admission | Refusal:
+        if not plan.budgets and not plan.rates:
+            return Admission(plan, self.primary.name)  # no limit applies: Redis not needed
         if self._down_since is None or time.monotonic() - self._down_since > self.retry_seconds:
             try:
                 if self._down_since is not None:
