@@ -29,6 +29,9 @@ class Authenticate:
         if call is None or flow.response is not None:
             return
         token = tokens.extract_token(flow.request.headers.get("authorization"))
+        if token is None and call.api == "anthropic.messages":  # anthropic (issue 13):
+            # Claude Code sends ANTHROPIC_API_KEY as x-api-key
+            token = flow.request.headers.get("x-api-key", "").strip() or None
         for name in _CREDENTIAL_HEADERS:
             flow.request.headers.pop(name, None)
         if not token:

@@ -20,7 +20,8 @@ from .store.base import KeyRecord, LedgerRow
 
 METADATA_KEY = "agent_egress.call"
 
-Api = Literal["openai.responses", "openai.responses.compact", "openai.chat"]
+Api = Literal["openai.responses", "openai.responses.compact", "openai.chat",
+              "anthropic.messages"]  # anthropic (issue 13)
 
 
 class StreamReader(Protocol):
@@ -95,3 +96,10 @@ class Call:
     # budgets (issue 5) -----------------------------------------------------------
     admission: Admission | None = None
     """The budget/rate-limit reservation admit took; settle turns it into spend."""
+    # anthropic (issue 13) ----------------------------------------------------------
+    side_call: bool = False
+    """A request offering no tools (Claude Code's small-model title/summary calls)."""
+    # telemetry (issue 7) ---------------------------------------------------------
+    captured_output: bytearray | None = None
+    """The response as sent to the client, bounded, when content capture is on for the
+    caller (addon/capture.py); None otherwise."""

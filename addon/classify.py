@@ -22,6 +22,7 @@ _ROUTES: dict[tuple[str, str], Api] = {
     ("POST", "/responses"): "openai.responses",
     ("POST", "/responses/compact"): "openai.responses.compact",
     ("POST", "/chat/completions"): "openai.chat",
+    ("POST", "/messages"): "anthropic.messages",  # anthropic (issue 13): ?beta=true too
 }
 
 
@@ -62,7 +63,7 @@ class Classify:
                 404,
                 f"{flow.request.method} {flow.request.path.split('?', 1)[0]} is not an API"
                 " this gateway serves (it serves POST /v1/responses, /v1/responses/compact"
-                " and /v1/chat/completions)",
+                ", /v1/chat/completions and /v1/messages)",
                 type="invalid_request_error",
                 code="unknown_path",
             )

@@ -212,6 +212,17 @@ def codex_snippet(gateway_url: str, env_var: str = CODEX_ENV_VAR) -> str:
     )
 
 
+def claude_snippet(gateway_url: str, token: str) -> str:
+    """anthropic (issue 13): Claude Code's base URL has no /v1 (it adds /v1/messages)."""
+    base = gateway_url.removesuffix("/").removesuffix("/v1")
+    return (
+        "# Claude Code: shell profile (e.g. ~/.bashrc)\n"
+        f"export ANTHROPIC_BASE_URL={base}\n"
+        f"export ANTHROPIC_AUTH_TOKEN={token}\n"
+        "# optional tags: export ANTHROPIC_CUSTOM_HEADERS='x-egress-tag-project: atlas'\n"
+    )
+
+
 def _api(args: argparse.Namespace, settings: Settings | None = None) -> Api:
     settings = settings or _settings(args)
     url = getattr(args, "url", None)
@@ -259,6 +270,8 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
     print(codex_snippet(url))
     print("# shell profile (e.g. ~/.bashrc)")
     print(f"export {CODEX_ENV_VAR}={token}")
+    print()
+    print(claude_snippet(url, token), end="")  # anthropic (issue 13)
     return 0
 
 

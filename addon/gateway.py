@@ -17,8 +17,9 @@ from mitmproxy.tools.dump import DumpMaster
 from opentelemetry.sdk.trace import TracerProvider
 
 from agent_egress.exporters.audit import AsyncAuditWriter, AuditLog
-from agent_egress.exporters.otel import SessionTracer, build_tracer_provider
+from agent_egress.exporters.otel import DropCounter, SessionTracer, build_tracer_provider
 from agent_egress.exporters.prometheus import Metrics
+from agent_egress.exporters.session_redis import SharedSessions
 
 from . import admin_api, mitm_internals
 from .admin import AdminServer, build_app
@@ -29,6 +30,7 @@ from .authorize import Authorize
 from .budget_cutoff import BudgetCutoff
 from .budgets import Budgets
 from .call import METADATA_KEY
+from .capture import ContentCapture
 from .classify import Classify
 from .failover import FailoverErrors, FailoverState, FailoverTap
 from .guard_input import GuardInput
@@ -108,15 +110,10 @@ class Gateway:
     failover: FailoverState | None = None  # failover (issue 8)
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _master_task: asyncio.Task[None] | None = None
-    _sweeper: asyncio.Task[None] | None = None
+    telemetry: Telemetry | None = None  # telemetry (issue 7): its task drains on stop
     budgets: Budgets | None = None  # budgets (issue 5)
     _budget_task: asyncio.Task[None] | None = None
     verdicts: VerdictCache | None = None  # guardrails (issue 6): its Redis client is closed
-
-    async def _sweep_sessions(self, tracer: SessionTracer) -> None:
-        while True:
-            await asyncio.sleep(30)
-            tracer.sweep()
 
     @property
     def proxyserver(self) -> Proxyserver:
@@ -175,8 +172,8 @@ class Gateway:
             await self.budgets.close()  # settles still in flight, before the audit closes
         await self.writer.close()
         await self.audit.close()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        if self.telemetry is not None:
+            await self.telemetry.close()  # queued calls traced, turns ended in Redis
         if self.tracer is not None:
             await asyncio.to_thread(self.tracer.shutdown, 5000)  # ends open turns; bounded flush
         await self.keyring.stop()
@@ -211,7 +208,7 @@ class Gateway:
             await asyncio.sleep(0.01)
 
 
-def _tracer_provider(settings: Settings) -> TracerProvider | None:
+def _tracer_provider(settings: Settings, drops: DropCounter) -> TracerProvider | None:
     """Traces are built only when asked for (config, or the standard OTEL_* variables)."""
     cfg = settings.telemetry.traces
     exporter = cfg.exporter
@@ -225,7 +222,7 @@ def _tracer_provider(settings: Settings) -> TracerProvider | None:
     if exporter is None and cfg.endpoint is not None:
         exporter = "otlp-http"
     return build_tracer_provider(exporter=exporter, endpoint=cfg.endpoint,
-                                 sample_ratio=cfg.sample_ratio)
+                                 sample_ratio=cfg.sample_ratio, drops=drops)
 
 
 def _mitm_options(settings: Settings) -> dict[str, Any]:
@@ -271,9 +268,14 @@ async def start(settings: Settings) -> Gateway:
     keys = KeyCache(store, bus=revocations)
     await keys.start()
     providers = {p.name: p for p in settings.providers}
-    tracer_provider = _tracer_provider(settings)
+    span_drops = DropCounter()  # telemetry (issue 7): exported as a metric
+    tracer_provider = _tracer_provider(settings, span_drops)
     tracer = None if tracer_provider is None else SessionTracer(
-        tracer_provider, session_ttl_s=settings.telemetry.traces.session_ttl_seconds)
+        tracer_provider, session_ttl_s=settings.telemetry.traces.session_ttl_seconds,
+        drops=span_drops)
+    metrics.telemetry_drops.add("audit", lambda: audit.dropped)
+    if tracer is not None:
+        metrics.telemetry_drops.add("spans", lambda: tracer.dropped_total)
     upstreams = [Upstream.from_url(p.base_url) for p in settings.providers]
     failover = FailoverState(settings.failover, providers, metrics,  # failover (issue 8)
                              redis_url=settings.redis_url, redis_prefix=settings.redis_prefix)
@@ -312,8 +314,17 @@ async def start(settings: Settings) -> Gateway:
         GuardOutput(recorder),  # guardrails: after the failover tap and settle (see module)
         BudgetCutoff(settings.budgets.cut_off_streams),  # outermost: meters what is sent
     ]
-    if tracer is not None:
-        chain.append(Telemetry(tracer, providers))
+    telemetry = None
+    if tracer is not None:  # telemetry (issue 7): content capture and shared session state
+        tcfg = settings.telemetry.traces
+        capture = (ContentCapture(tcfg, guardrails) if ContentCapture.configured(tcfg)
+                   else None)
+        if capture is not None:
+            await asyncio.to_thread(capture.warm)
+        shared = (None if settings.redis_url is None else SharedSessions(
+            settings.redis_url, settings.redis_prefix, ttl_s=tcfg.session_ttl_seconds))
+        telemetry = Telemetry(tracer, providers, capture=capture, shared=shared)
+        chain.append(telemetry)
     opts = options.Options()
     master = DumpMaster(opts, with_termlog=False, with_dumper=False)
     errorcheck = master.addons.get("errorcheck")
@@ -355,8 +366,9 @@ async def start(settings: Settings) -> Gateway:
                    lambda: asyncio.run_coroutine_threadsafe(budgets.status(), loop).result(10),
                    lambda: asyncio.run_coroutine_threadsafe(budgets.rebuild(), loop).result(60))
     await gw.admin.start()
-    if tracer is not None:
-        gw._sweeper = asyncio.get_running_loop().create_task(gw._sweep_sessions(tracer))
+    if telemetry is not None:
+        telemetry.start()
+        gw.telemetry = telemetry
     gw.budgets = budgets
     gw.verdicts = guard_input.cache  # guardrails (issue 6)
     gw._budget_task = asyncio.get_running_loop().create_task(budgets.run())

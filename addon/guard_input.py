@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ from .guardrails.cache import Verdict, VerdictCache, item_key
 from .guardrails.engine import Engine, Guardrails
 from .guardrails.findings import Finding, redact
 from .overhead import timed_async
-from .protocols import openai_chat, openai_responses
+from .protocols import anthropic_messages, openai_chat, openai_responses
 from .protocols.codex_headers import session_and_turn
 from .protocols.summary import BadRequest
 from .refuse import refuse
@@ -73,6 +74,8 @@ class GuardInput:
                        type="invalid_request_error", code="invalid_body")
                 return
         parser = openai_chat if call.api == "openai.chat" else openai_responses
+        if call.api == "anthropic.messages":  # anthropic (issue 13)
+            parser = anthropic_messages
         try:
             obj = openai_responses.load_object(body)
             info = parser.request_info(obj)
@@ -84,9 +87,16 @@ class GuardInput:
         call.stream = info.stream
         call.tool_output_ids = info.tool_output_ids
         call.traceparent = flow.request.headers.get("traceparent")
-        call.session_id, call.turn_id = session_and_turn(
-            flow.request.headers.get, info.prompt_cache_key, info.client_session_id
-        )
+        if isinstance(info, anthropic_messages.MessagesRequest):  # anthropic (issue 13)
+            call.session_id, call.turn_id = anthropic_messages.session_and_turn(
+                flow.request.headers.get, info)
+            call.side_call = info.side_call
+            if info.side_call:  # marked on the chat span (a title/summary call, no tools)
+                call.route_events.append(("agent_egress.side_call", time.time_ns(), {}))
+        else:
+            call.session_id, call.turn_id = session_and_turn(
+                flow.request.headers.get, info.prompt_cache_key, info.client_session_id
+            )
         if self.guardrails is not None and call.principal is not None:
             await self._guard(flow, call, obj, len(body))
 

@@ -23,10 +23,12 @@ from agent_egress.exporters.prometheus import Metrics
 
 from . import mitm_internals
 from .call import METADATA_KEY, Call
+from .guardrails.anthropic_stream import AnthropicOutputGuard
 from .guardrails.engine import Engine
 from .guardrails.findings import Finding
 from .guardrails.stream import OutputGuard, guard_body
 from .overhead import timed
+from .protocols import anthropic_messages
 from .protocols.errors import openai_error_body
 
 BLOCKED = "guardrail_blocked"
@@ -85,8 +87,10 @@ class OutputWrapper:
             return engine.scan(text, "model_output", "assistant")
 
         self.scan = scan
-        self.guard = OutputGuard(call.api, scan, holdback,
-                                 lambda f: block_message(call, f))
+        self.guard: OutputGuard | AnthropicOutputGuard = OutputGuard(
+            call.api, scan, holdback, lambda f: block_message(call, f))
+        if call.api == "anthropic.messages":  # anthropic (issue 13)
+            self.guard = AnthropicOutputGuard(scan, holdback, lambda f: block_message(call, f))
 
     def wrap(self, flow: Any, inner: Callable[[bytes], Any]
              ) -> Callable[[bytes], bytes | list[bytes]]:
@@ -166,10 +170,14 @@ class GuardOutput:
         blocking = next((f for f in findings if f.action == "block"), None)
         if blocking is not None:
             self.recorder.stream_blocked()
+            body = (anthropic_messages.error_body(  # anthropic (issue 13)
+                block_message(call, blocking), type="invalid_request_error")
+                if call.api == "anthropic.messages" else
+                openai_error_body(block_message(call, blocking), type="invalid_request_error",
+                                  code=BLOCKED))
             flow.response = http.Response.make(
-                400, openai_error_body(block_message(call, blocking), type="invalid_request_error",
-                                       code=BLOCKED),
+                400, body,
                 {"content-type": "application/json", "x-egress-request-id": call.request_id,
-                 "x-egress-refused-by": BLOCKED})
+                 "x-egress-refused-by": BLOCKED, "x-should-retry": "false"})
         elif new is not None:
             flow.response.content = new

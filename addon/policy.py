@@ -145,9 +145,11 @@ class ProviderKey(_Strict):
 
 class Provider(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
-    kind: Literal["openai", "azure_openai", "openai_compatible"] = "openai"
+    kind: Literal["openai", "azure_openai", "openai_compatible",
+                  "anthropic"] = "openai"  # anthropic (issue 13): x-api-key, /v1/messages
     base_url: str
-    """Provider API root including the version path, e.g. https://api.openai.com/v1."""
+    """Provider API root including the version path, e.g. https://api.openai.com/v1
+    (anthropic: https://api.anthropic.com, with or without /v1)."""
     key: str
     """Name of the provider API key in the vault (`agent-egress vault set NAME`)."""
     keys: list[ProviderKey] = Field(default_factory=list)
@@ -188,6 +190,8 @@ class Provider(_Strict):
     def pricing_provider_id(self) -> str | None:
         if self.price_as:
             return self.price_as
+        if self.kind == "anthropic":  # anthropic (issue 13)
+            return "anthropic"
         return "openai" if self.kind == "openai" else None
 
 
@@ -210,6 +214,14 @@ class Traces(_Strict):
     """Per-session sampling (trace ids come from session ids); None: OTEL_TRACES_SAMPLER."""
     session_ttl_seconds: float = Field(default=1800, gt=0)
     """A session idle this long has its open turn span ended."""
+    # telemetry (issue 7): opt-in message content on chat spans (addon/capture.py)
+    capture_content: bool = False
+    """Put each call's new input and its output on its chat span (gen_ai.input.messages,
+    gen_ai.output.messages), redacted by the guardrail engine first. Off by default."""
+    capture_content_overrides: dict[str, bool] = Field(default_factory=dict)
+    """Per org (``acme``) or team (``acme/payments``, wins over its org): on or off."""
+    capture_max_bytes: int = Field(default=8192, ge=256)
+    """Each captured text (a message's text, a tool output, tool arguments) is cut here."""
 
 
 class Telemetry(_Strict):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from mitmproxy import http
 
 from .call import Call, new_request_id
+from .protocols import anthropic_messages
 from .protocols.errors import openai_error_body
 
 
@@ -29,6 +30,12 @@ def refuse(
     body = openai_error_body(
         f"agent-egress: {message} (request id {request_id})", type=type, code=code, param=param
     )
+    if call is not None and call.api == "anthropic.messages":  # anthropic (issue 13)
+        final = final or (status != 429 and status < 500)
+        body = anthropic_messages.error_body(
+            f"agent-egress: {message} (request id {request_id})",
+            type=anthropic_messages.error_type_for(status))
+        status = anthropic_messages.client_status(status)
     headers = {
         "content-type": "application/json",
         "x-egress-request-id": request_id,

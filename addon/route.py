@@ -69,6 +69,8 @@ def provider_path(p: Provider, prefix: str, client_path: str, api: str, model: s
     """The upstream path for this provider kind (Azure deployments, chat translation)."""
     if translate:
         client_path = "/chat/completions"
+    if p.kind == "anthropic":  # anthropic (issue 13)
+        return anthropic_path(prefix, client_path)
     if p.kind == "azure_openai" and p.api_version:
         path = client_path.partition("?")[0].removeprefix("/v1")
         if api == "openai.chat" or translate:
@@ -97,7 +99,22 @@ def plan(routes: Sequence[RouteRule], default: str, model: str, session: str) ->
 
 def serves(p: Provider, api: str) -> bool:
     """Chat-only providers cannot take remote compaction (no Chat equivalent)."""
+    if not same_family(p, api):  # anthropic (issue 13)
+        return False  # an Anthropic provider speaks only Messages, and only it does
     return not (p.chat_only and api == "openai.responses.compact")
+
+
+def same_family(p: Provider, api: str) -> bool:
+    """Anthropic providers and Messages calls belong together; OpenAI kinds the rest."""
+    return (p.kind == "anthropic") == (api == "anthropic.messages")
+
+
+def anthropic_path(prefix: str, client_path: str) -> str:
+    """/v1/messages?beta=true under an Anthropic base URL given with or without /v1."""
+    path, sep, query = client_path.partition("?")
+    if not path.startswith("/v1/"):
+        path = "/v1" + path
+    return f"{prefix.removesuffix('/v1')}{path}{sep}{query}"
 
 
 class Route:
@@ -126,9 +143,14 @@ class Route:
             return
         session = call.session_id or ""
         allowed = call.principal.allowed_providers if call.principal is not None else []
-        candidates = [n for n in plan(self.routes, self.default, call.requested_model or "",
-                                      session)
+        planned = plan(self.routes, self.default, call.requested_model or "", session)
+        candidates = [n for n in planned
                       if matches_any(n, allowed) and serves(self.providers[n], call.api)]
+        if not any(same_family(self.providers[n], call.api) for n in planned):
+            # anthropic (issue 13): the planned providers speak another API family (e.g.
+            # the OpenAI default for a Claude Code call): use the configured ones that do
+            candidates = [n for n, p in self.providers.items()
+                          if matches_any(n, allowed) and serves(p, call.api)]
         if not candidates:
             refuse(flow, call, 403, f"no provider this key may use serves model"
                    f" {call.requested_model!r} for {call.api}; ask your platform team",
@@ -219,6 +241,9 @@ class Route:
         if p.kind == "azure_openai":
             req.headers.pop("authorization", None)
             req.headers["api-key"] = key
+        elif p.kind == "anthropic":  # anthropic (issue 13): anthropic-version/-beta pass
+            req.headers.pop("authorization", None)
+            req.headers["x-api-key"] = key
         else:
             req.headers["authorization"] = f"Bearer {key}"
         return True

@@ -24,7 +24,7 @@ from .call import METADATA_KEY, Call
 from .ledger import LedgerWriter
 from .policy import Provider
 from .pricing import ModelPrice, price_call
-from .protocols import openai_chat, openai_responses
+from .protocols import anthropic_messages, openai_chat, openai_responses
 from .protocols.errors import openai_error_body
 from .protocols.usage import Usage
 from .store.base import LedgerRow
@@ -101,10 +101,12 @@ class Settle:
             body = flow.response.raw_content or b""
             call.response_bytes = len(body)
             reader_mod = openai_chat if call.api == "openai.chat" else openai_responses
+            read = (anthropic_messages.read_body if call.api == "anthropic.messages"
+                    else reader_mod.read_body)  # anthropic (issue 13)
             try:
-                call.summary = reader_mod.read_body(flow.response.content or b"")
+                call.summary = read(flow.response.content or b"")
             except ValueError:
-                call.summary = reader_mod.read_body(b"")
+                call.summary = read(b"")
         self._settle(call)
         if self.budgets is not None:
             self.budgets.finish(call, call.row)  # no-op when settled with a row above
@@ -119,10 +121,12 @@ class Settle:
         if call.provider is not None and call.status_code is None and flow.response is None:
             # Upstream never answered: mitmproxy will now write its error page;
             # hand it our JSON body with this call's request id.
-            mitm_internals.pending_error.set((call.request_id, openai_error_body(
-                f"agent-egress: provider {call.provider!r} could not be reached"
-                f" ({call.error}); retry shortly (request id {call.request_id})",
-                type="server_error", code="upstream_unreachable")))
+            message = (f"agent-egress: provider {call.provider!r} could not be reached"
+                       f" ({call.error}); retry shortly (request id {call.request_id})")
+            mitm_internals.pending_error.set((call.request_id, (
+                anthropic_messages.error_body(message, type="api_error")  # anthropic (issue 13)
+                if call.api == "anthropic.messages" else
+                openai_error_body(message, type="server_error", code="upstream_unreachable"))))
         if call.refused is None and call.provider is not None:
             self._settle(call)
         if self.budgets is not None:
@@ -216,5 +220,7 @@ class Settle:
         if row.usage_estimated:
             m.estimated.labels(row.provider).inc()
         if call.first_byte_at is not None:
-            m.ttfb.labels(row.provider).observe(call.first_byte_at - call.started, exemplar=ex)
-        m.duration.labels(row.provider, row.api).observe(now - call.started, exemplar=ex)
+            m.ttfb.labels(row.provider, label_model).observe(call.first_byte_at - call.started,
+                                                             exemplar=ex)
+        m.duration.labels(row.provider, label_model, row.api).observe(now - call.started,
+                                                                      exemplar=ex)

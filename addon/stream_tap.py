@@ -15,10 +15,12 @@ from mitmproxy import http
 
 from .call import METADATA_KEY, Call, StreamReader
 from .overhead import timed
-from .protocols import openai_chat, openai_responses
+from .protocols import anthropic_messages, openai_chat, openai_responses
 
 
 def make_reader(call: Call) -> StreamReader:
+    if call.api == "anthropic.messages":  # anthropic (issue 13)
+        return anthropic_messages.MessagesStreamReader()
     if call.api == "openai.chat":
         return openai_chat.ChatStreamReader()
     return openai_responses.ResponsesStreamReader()

@@ -1,18 +1,35 @@
 """Step 8: hand each settled call to the session tracer, after the fact.
 
-Runs after settle (it reads the ledger row for cost and outcome). Span building
-costs tens of microseconds on the loop; export happens on the SDK's own thread,
-so a slow or dead collector drops spans instead of stalling streams.
+Runs after settle (it reads the ledger row for cost and outcome). The hook only
+builds a small record and puts it on a bounded queue; one task drains the queue
+in order: content capture (opt-in: redaction in a worker thread), placement in
+shared session state (Redis, when configured), then span building (tens of
+microseconds). Export happens on the SDK's own thread. So a slow Redis, a slow
+redaction or a dead collector drops telemetry (counted), never stalls a stream.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any, Final
+
 from mitmproxy import http
 
-from agent_egress.exporters.otel import CallTrace, SessionTracer
+from agent_egress.exporters.otel import COMPACT_API, CallTrace, SessionTracer
+from agent_egress.exporters.session_redis import SharedSessions
 
 from .call import METADATA_KEY, Call
+from .capture import ContentCapture
 from .policy import Provider
+
+log = logging.getLogger("agent_egress.telemetry")
+
+_MAX_CAPTURED_RESPONSE: Final = 1024 * 1024
+"""Bytes of a response kept for content capture (a Codex turn's stream is ~10-50 KB)."""
 
 
 def call_trace(call: Call, provider: Provider) -> CallTrace | None:
@@ -57,10 +74,60 @@ def call_trace(call: Call, provider: Provider) -> CallTrace | None:
     )
 
 
+@dataclasses.dataclass(slots=True)
+class _Job:
+    trace: CallTrace
+    request_body: bytes | None = None
+    """Set only when content is captured for this call."""
+    response: bytes = b""
+    streamed: bool = False
+
+
+def _capture_tap(buf: bytearray, inner: Callable[[bytes], Any]
+                 ) -> Callable[[bytes], bytes | list[bytes]]:
+    """Wrap the stream callable: keep (bounded) what the client is sent. Opt-in only."""
+    def on_chunk(chunk: bytes) -> bytes | list[bytes]:
+        out = inner(chunk)
+        if len(buf) < _MAX_CAPTURED_RESPONSE:
+            buf.extend(out if isinstance(out, bytes) else b"".join(out))
+        return out  # type: ignore[no-any-return]
+
+    return on_chunk
+
+
 class Telemetry:
-    def __init__(self, tracer: SessionTracer, providers: dict[str, Provider]) -> None:
+    def __init__(self, tracer: SessionTracer, providers: dict[str, Provider], *,
+                 capture: ContentCapture | None = None, shared: SharedSessions | None = None,
+                 max_queue: int = 10_000, sweep_seconds: float = 30.0) -> None:
         self.tracer = tracer
         self.providers = providers
+        self.capture = capture
+        self.shared = shared
+        self.dropped = 0
+        """Calls not traced because the queue was full (also counted by the tracer)."""
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue(max_queue)
+        self._sweep_seconds = sweep_seconds
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- hooks (on the event loop: no waiting) ------------------------------------
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        call: Call | None = flow.metadata.get(METADATA_KEY)
+        if (self.capture is None or call is None or call.principal is None
+                or flow.response is None or call.refused is not None):
+            return
+        p = call.principal
+        if not self.capture.enabled_for(call.api, p.org, p.team):
+            return
+        call.captured_output = bytearray()
+        stream = flow.response.stream
+        if callable(stream):  # else the body is read whole in ``response``
+            flow.response.stream = _capture_tap(call.captured_output, stream)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._record(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._record(flow)
 
     def _record(self, flow: http.HTTPFlow) -> None:
         call: Call | None = flow.metadata.get(METADATA_KEY)
@@ -68,11 +135,97 @@ class Telemetry:
             return
         call.traced = True
         trace = call_trace(call, self.providers[call.provider])
-        if trace is not None:
-            self.tracer.record(trace)
+        if trace is None:
+            return
+        job = _Job(trace)
+        if call.captured_output is not None:
+            job.request_body = flow.request.get_content(strict=False) or b""
+            resp = flow.response
+            job.streamed = resp is not None and callable(resp.stream)
+            if job.streamed:
+                job.response = bytes(call.captured_output)
+            elif resp is not None:
+                with contextlib.suppress(ValueError):
+                    job.response = (resp.content or b"")[:_MAX_CAPTURED_RESPONSE]
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            self.tracer.lost()
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        self._record(flow)
+    # --- the telemetry task ---------------------------------------------------------
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._run(), name="telemetry"),
+                       loop.create_task(self._sweep(), name="telemetry-sweep")]
 
-    def error(self, flow: http.HTTPFlow) -> None:
-        self._record(flow)
+    async def _run(self) -> None:
+        while True:
+            job = await self._queue.get()
+            try:
+                await self._handle(job)
+            except Exception:
+                self.tracer.lost()
+                log.warning("tracing call %s failed", job.trace.request_id, exc_info=True)
+            finally:
+                self._queue.task_done()
+
+    async def _handle(self, job: _Job) -> None:
+        t = job.trace
+        if job.request_body is not None and self.capture is not None:
+            got = await asyncio.to_thread(self.capture.build, t.api, t.org, t.team, t.key_id,
+                                          job.request_body, job.response, job.streamed)
+            t = dataclasses.replace(t, content=got)
+        if self.shared is not None and t.session_id:
+            u = t.usage
+            placement = await self.shared.place(
+                session_id=t.session_id, request_id=t.request_id, turn_id=t.turn_id,
+                compact=t.api == COMPACT_API, start_ns=t.start_ns, end_ns=t.end_ns,
+                outcome=t.outcome, org=t.org, team=t.team, user=t.user, cost_usd=t.cost_usd,
+                tokens=(0, 0, 0, 0, 0) if u is None else (
+                    u.input_tokens, u.cached_input_tokens, u.cache_write_tokens,
+                    u.output_tokens, u.reasoning_tokens),
+                tool_output_ids=t.tool_output_ids, tool_calls=t.tool_calls)
+            if placement is not None:
+                self.tracer.record_placed(t, placement)
+                return
+        self.tracer.record(t)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self._sweep_seconds)
+            try:
+                await self.sweep()
+            except Exception:
+                log.warning("ending idle turns failed", exc_info=True)
+
+    async def sweep(self) -> None:
+        """End idle sessions' turns: in memory, and in Redis if no replica saw them since."""
+        if self.shared is None:
+            self.tracer.sweep()
+            return
+        cutoff = self.tracer.idle_cutoff_ns()
+        for sid in self.tracer.forget_idle():
+            ended = await self.shared.end(sid, "idle", idle_before_ns=cutoff)
+            if ended:
+                self.tracer.emit_ended(ended)
+
+    async def close(self, wait_seconds: float = 5.0) -> None:
+        """Trace what is queued (bounded), end this replica's open turns in Redis, stop."""
+        if self._tasks:
+            try:
+                await asyncio.wait_for(self._queue.join(), wait_seconds)
+            except TimeoutError:
+                log.warning("telemetry: %d calls not traced at shutdown", self._queue.qsize())
+                self.tracer.lost(self._queue.qsize())
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        if self.shared is not None:
+            for sid in self.tracer.session_ids():
+                ended = await self.shared.end(sid, "shutdown")
+                if ended:
+                    self.tracer.emit_ended(ended)
+            await self.shared.close()

@@ -81,9 +81,10 @@ def prom(expr: str, legend: str = "", ref: str = "A", instant: bool = False,
     return q.exemplar(exemplars)
 
 
-def _quantiles(metric: str, by: str, legend: str) -> list[prometheus.Dataquery]:
+def _quantiles(metric: str, by: str, legend: str, match: str = ""
+               ) -> list[prometheus.Dataquery]:
     return [prom(f"histogram_quantile({q}, sum by ({by}, le) "
-                 f"(rate({metric}_bucket[$__rate_interval])))",
+                 f"(rate({metric}_bucket{{{match}}}[$__rate_interval])))",
                  f"p{int(q * 100)} {legend}", ref, exemplars=True)
             for q, ref in ((0.5, "A"), (0.95, "B"), (0.99, "C"))]
 
@@ -250,14 +251,15 @@ def latency() -> dashboard.Dashboard:
                        " gateway's own overhead."))
     calls = f"agent_egress_model_calls_total{{{F}"
     panels: list[Panel] = [
-        ts("Time to first token by provider", "p50/p95/p99 from request start to the"
-           " provider's first byte, per provider (the histogram has no model label);"
-           " exemplars link to the session's trace.", "s",
-           _quantiles("agent_egress_time_to_first_byte_seconds", "provider", "{{provider}}")),
-        ts("Duration by provider and API", "p50/p95/p99 from request start to the end of the"
-           " response; exemplars link to the trace.", "s",
-           _quantiles("agent_egress_request_duration_seconds", "provider, api",
-                      "{{provider}} {{api}}")),
+        ts("Time to first token by model and provider", "p50/p95/p99 from request start to"
+           " the provider's first byte (unpriced models are grouped as other); exemplars"
+           " link to the session's trace.", "s",
+           _quantiles("agent_egress_time_to_first_byte_seconds", "model, provider",
+                      "{{model}} via {{provider}}", 'model=~"$model"')),
+        ts("Duration by model, provider and API", "p50/p95/p99 from request start to the end"
+           " of the response; exemplars link to the trace.", "s",
+           _quantiles("agent_egress_request_duration_seconds", "model, provider, api",
+                      "{{model}} via {{provider}} {{api}}", 'model=~"$model"')),
         ts("Calls by model and provider", "Settled model calls per second.", "reqps",
            [prom(f"sum by (model, provider) (rate({calls}}}[$__rate_interval]))",
                  "{{model}} via {{provider}}")]),

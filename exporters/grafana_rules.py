@@ -69,6 +69,8 @@ class Spec:
     """p95 time to first byte per provider; reasoning models think before the first token."""
     ttft_for: str = "10m"
     evaluation_interval: str = "30s"
+    telemetry_drops_for: str = "10m"
+    """How long spans or audit events must keep being dropped before a ticket."""
 
 
 SPEC = Spec()
@@ -215,6 +217,18 @@ def other_alerts(spec: Spec = SPEC) -> list[dict[str, Any]]:
          "annotations": {
              "summary": "Circuit breaker open for {{ $labels.provider }} key {{ $labels.key }}",
              "description": "Calls are routed to the fallback provider while it stays open."}},
+        # telemetry (issue 7): a one-off blip (collector restart) stays quiet; steady loss
+        # (collector down, audit disk full) does not
+        {"alert": "AgentEgressTelemetryDropped",
+         "expr": "sum by (kind) (rate(agent_egress_telemetry_dropped_total[5m])) > 0",
+         "for": spec.telemetry_drops_for,
+         "labels": {"severity": "ticket"},
+         "annotations": {
+             "summary": "Telemetry is being dropped: {{ $labels.kind }}",
+             "description": "The gateway keeps serving but loses {{ $labels.kind }}"
+                            " (spans: the trace collector is down or too slow; audit: the"
+                            " audit log cannot be written) for " + spec.telemetry_drops_for
+                            + "; check the gateway log and the collector."}},
     ]
 
 

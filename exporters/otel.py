@@ -16,7 +16,9 @@ opentelemetry-semantic-conventions 0.66b2 (now maintained in
 open-telemetry/semantic-conventions-genai). They are spelled out here rather
 than imported because that package marks its ``gen_ai.*`` constants as moved
 and will drop them; a test checks the spellings against the installed package.
-No message content, prompt, tool argument/result or credential is ever recorded.
+No credential is ever recorded, and no message content, prompt, tool argument or
+result unless the caller opts in (``CallTrace.content``: redacted and capped by the
+gateway before it gets here).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Final, Literal
@@ -38,9 +40,9 @@ from opentelemetry.sdk.environment_variables import (
     OTEL_EXPORTER_OTLP_TRACES_PROTOCOL,
 )
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import Decision, ParentBased, Sampler, TraceIdRatioBased
 from opentelemetry.trace import (
     Link,
     NonRecordingSpan,
@@ -48,6 +50,7 @@ from opentelemetry.trace import (
     SpanKind,
     Status,
     StatusCode,
+    TraceFlags,
     get_current_span,
     set_span_in_context,
 )
@@ -57,10 +60,13 @@ from opentelemetry.util.types import AttributeValue
 from agent_egress.addon.protocols.usage import Usage
 
 from .session_state import (
+    EndedTurn,
     PendingTool,
+    Placement,
     PrimedIdGenerator,
     SessionState,
     SessionTable,
+    ToolRun,
     TurnState,
     session_trace_id,
     turn_span_id,
@@ -84,6 +90,9 @@ CACHE_CREATION_TOKENS: Final = "gen_ai.usage.cache_creation.input_tokens"
 REASONING_TOKENS: Final = "gen_ai.usage.reasoning.output_tokens"
 TOOL_NAME: Final = "gen_ai.tool.name"
 TOOL_CALL_ID: Final = "gen_ai.tool.call.id"
+INPUT_MESSAGES: Final = "gen_ai.input.messages"  # opt-in content (JSON string on spans)
+OUTPUT_MESSAGES: Final = "gen_ai.output.messages"
+SYSTEM_INSTRUCTIONS: Final = "gen_ai.system_instructions"
 SERVER_ADDRESS: Final = "server.address"
 SERVER_PORT: Final = "server.port"
 ERROR_TYPE: Final = "error.type"
@@ -96,12 +105,22 @@ TAG_PREFIX: Final = AE + "tag."
 TOOL_INCLUDES_APPROVAL: Final = AE + "tool.includes_approval_time"
 
 _ROOT: Final = Context()  # explicit empty context: never parent to whatever span is current
-_MAX_PENDING_TOOLS: Final = 256  # per turn; a model asking for more is broken or hostile
+MAX_PENDING_TOOLS: Final = 256  # per turn; a model asking for more is broken or hostile
 _MAX_ENDED_TURNS: Final = 8
-_COMPACT_API: Final = "openai.responses.compact"
+COMPACT_API: Final = "openai.responses.compact"
 _PROPAGATOR: Final = TraceContextTextMapPropagator()
 
 Attrs = dict[str, AttributeValue]
+
+
+@dataclass(frozen=True, slots=True)
+class CapturedContent:
+    """GenAI content attributes (JSON strings, the semconv's span form), redacted first."""
+
+    input_messages: str
+    output_messages: str
+    system_instructions: str | None = None
+    truncated: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +163,8 @@ class CallTrace:
     tags: Mapping[str, str] = field(default_factory=dict)
     # failover (issue 8): (name, unix ns, attributes) of failovers and breaker changes
     events: tuple[tuple[str, int, Mapping[str, str]], ...] = ()
+    content: CapturedContent | None = None
+    """Opt-in message content, already redacted and capped (None: not captured)."""
 
 
 def _usage_attrs(attrs: Attrs, u: Usage) -> None:
@@ -164,6 +185,64 @@ def _link(traceparent: str | None) -> tuple[Link, ...]:
     return (Link(sc),) if sc.is_valid else ()
 
 
+class DropCounter:
+    """Spans lost after they were built (export failed, export queue full); thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.count += n
+
+
+class CountingExporter(SpanExporter):
+    """Counts the spans of every batch the wrapped exporter fails to deliver.
+
+    The OTLP exporters only log a failure (after their own bounded retries), so
+    without this a dead collector would be invisible to the SRE it is meant to serve.
+    """
+
+    def __init__(self, inner: SpanExporter, drops: DropCounter) -> None:
+        self.inner = inner
+        self.drops = drops
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            result = self.inner.export(spans)
+        except Exception:
+            self.drops.add(len(spans))
+            raise
+        if result is not SpanExportResult.SUCCESS:
+            self.drops.add(len(spans))
+        return result
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+
+class CountingBatchProcessor(BatchSpanProcessor):
+    """BatchSpanProcessor that counts the spans it drops because its queue is full."""
+
+    def __init__(self, exporter: SpanExporter, drops: DropCounter) -> None:
+        super().__init__(exporter)
+        self.drops = drops
+        inner = getattr(self, "_batch_processor", None)
+        self._queue = getattr(inner, "_queue", None)
+        self._max = int(getattr(inner, "_max_queue_size", 0) or 0)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        ctx = span.context
+        if (self._queue is not None and ctx is not None and ctx.trace_flags.sampled
+                and len(self._queue) >= self._max > 0):
+            self.drops.add(1)  # the SDK drops the oldest queued span to make room
+        super().on_end(span)
+
+
 class SessionTracer:
     """Turns settled calls into session traces; cheap, never raises.
 
@@ -176,9 +255,15 @@ class SessionTracer:
     their session idles past ``session_ttl_s`` (``sweep``), is evicted to stay
     within ``max_sessions``, or on ``shutdown``.
 
-    Thread-safe via one lock, but meant to be driven from the gateway's event
-    loop. Turn numbers and inferred turns are per replica; explicit turn ids and
-    the trace id are the same on every replica.
+    Placement (which turn, what ends) is decided here in memory (``record``), or
+    by a shared store so replicas agree (``record_placed`` with the store's
+    ``Placement``, see ``session_redis``); spans are built the same way either way.
+    A turn span is built only when its turn ends, from ``TurnState`` facts, under
+    the span id hashed from (session, turn key) that its chat spans already name.
+
+    Thread-safe via one lock, but meant to be driven from one task. In memory,
+    turn numbers and inferred turns are per replica; explicit turn ids and the
+    trace id are the same on every replica.
     """
 
     def __init__(
@@ -187,6 +272,7 @@ class SessionTracer:
         *,
         max_sessions: int = 10_000,
         session_ttl_s: float = 1800,
+        drops: DropCounter | None = None,
     ) -> None:
         ids = provider.id_generator
         if not isinstance(ids, PrimedIdGenerator):
@@ -194,33 +280,66 @@ class SessionTracer:
         self._ids = ids
         self.provider = provider
         self._tracer = provider.get_tracer("agent_egress.exporters.otel")
+        self._sampler = provider.sampler
         self._sessions = SessionTable(max_sessions)
         self._ttl_ns = int(session_ttl_s * 1e9)
         self._lock = threading.Lock()
         self._closed = False
+        self.drops = drops if drops is not None else DropCounter()
         self.dropped = 0
         """Calls whose spans were lost to an error, plus tool calls lost to the per-turn cap."""
 
     # --- public ----------------------------------------------------------
+    @property
+    def dropped_total(self) -> int:
+        """Everything lost: calls not traced, tool calls over the cap, spans not exported."""
+        return self.dropped + self.drops.count
+
     def record(self, call: CallTrace) -> None:
-        try:
-            with self._lock:
-                if not self._closed:
-                    self._record(call)
-        except Exception:
-            self.dropped += 1
-            if self.dropped & (self.dropped - 1) == 0:  # log the 1st, 2nd, 4th, 8th...
-                _log.warning("tracing call %s failed (%d so far)", call.request_id,
-                             self.dropped, exc_info=True)
+        """Place the call with in-memory session state and build its spans."""
+        self._guarded(call, None)
+
+    def record_placed(self, call: CallTrace, placement: Placement) -> None:
+        """Build the spans of a call a shared store already placed (``session_redis``)."""
+        self._guarded(call, placement)
+
+    def lost(self, n: int = 1) -> None:
+        """Count calls whose spans were lost before they reached the tracer."""
+        with self._lock:
+            self.dropped += n
 
     def sweep(self, now_ns: int | None = None) -> int:
         """End the turns of sessions idle past the TTL and forget them; returns turns ended."""
-        cutoff = (time.time_ns() if now_ns is None else now_ns) - self._ttl_ns
-        ended = 0
+        cutoff = self.idle_cutoff_ns(now_ns)
         with self._lock:
+            return sum(self._end_local(st, "idle") for st in self._sessions.pop_idle(cutoff))
+
+    def idle_cutoff_ns(self, now_ns: int | None = None) -> int:
+        return (time.time_ns() if now_ns is None else now_ns) - self._ttl_ns
+
+    def forget_idle(self, now_ns: int | None = None) -> list[str]:
+        """Pop sessions idle past the TTL, ending their local turns; returns their ids."""
+        cutoff = self.idle_cutoff_ns(now_ns)
+        with self._lock:
+            out = []
             for st in self._sessions.pop_idle(cutoff):
-                ended += self._end_turn(st, "idle")
-        return ended
+                self._end_local(st, "idle")
+                out.append(st.session_id)
+            return out
+
+    def session_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._sessions.ids())
+
+    def emit_ended(self, turns: list[EndedTurn]) -> None:
+        """Export turns a shared store ended (idle, shutdown)."""
+        try:
+            with self._lock:
+                if not self._closed:
+                    for t in turns:
+                        self._turn_span(t)
+        except Exception:
+            self._count_error("ended turns")
 
     def shutdown(self, timeout_ms: int = 10_000) -> None:
         """End all open turns, then flush and shut the provider down within ``timeout_ms``.
@@ -234,7 +353,7 @@ class SessionTracer:
                 return
             self._closed = True
             for st in self._sessions.pop_all():
-                self._end_turn(st, "shutdown")
+                self._end_local(st, "shutdown")
         t = threading.Thread(target=self.provider.shutdown, name="otel-shutdown", daemon=True)
         t.start()
         t.join(timeout_ms / 1000)
@@ -251,114 +370,161 @@ class SessionTracer:
         return len(self._sessions)
 
     # --- internals -------------------------------------------------------
-    def _record(self, call: CallTrace) -> None:
+    def _count_error(self, what: str) -> None:
+        self.dropped += 1
+        if self.dropped & (self.dropped - 1) == 0:  # log the 1st, 2nd, 4th, 8th...
+            _log.warning("tracing %s failed (%d so far)", what, self.dropped, exc_info=True)
+
+    def _guarded(self, call: CallTrace, placement: Placement | None) -> None:
+        try:
+            with self._lock:
+                if not self._closed:
+                    self._record(call, placement)
+        except Exception:
+            self._count_error("call " + call.request_id)
+
+    def _record(self, call: CallTrace, placement: Placement | None) -> None:
         sid = call.session_id
         if not sid:
             self._chat_span(call, _ROOT, None)
             return
+        if placement is None:
+            placement = self._place(sid, call)
+        else:  # shared placement: only remember the session (sweep, shutdown)
+            _, evicted = self._sessions.touch(sid, call.end_ns)
+            for old in evicted:
+                self._end_local(old, "evicted")
+        for ended in placement.ended:
+            self._turn_span(ended)
+        for run in placement.tools:
+            self._tool_span(sid, run, call.start_ns)
+        self._chat_span(call, self._turn_context(sid, placement.turn_key), sid)
+
+    def _place(self, sid: str, call: CallTrace) -> Placement:
         st, evicted = self._sessions.touch(sid, call.end_ns)
         for old in evicted:
-            self._end_turn(old, "evicted")
-        turn = self._turn_for(st, call)
-        if isinstance(turn, SpanContext):  # late call of a turn already ended
-            self._chat_span(call, set_span_in_context(NonRecordingSpan(turn)), sid)
-            return
+            self._end_local(old, "evicted")
+        ended: list[EndedTurn] = []
+        turn = self._turn_for(st, call, ended)
+        if isinstance(turn, str):  # late call of a turn already ended
+            return Placement(turn, ended)
+        tools = []
         for cid in call.tool_output_ids:
             pending = turn.pending.pop(cid, None)
             if pending is not None:
-                self._tool_span(sid, cid, pending, call.start_ns)
-        self._chat_span(call, turn.context, sid)
+                tools.append(ToolRun(cid, pending.name, pending.start_ns, turn.key))
         self._add_to_turn(turn, call)
+        return Placement(turn.key, ended, tools)
 
-    def _turn_for(self, st: SessionState, call: CallTrace) -> TurnState | SpanContext:
+    def _turn_for(self, st: SessionState, call: CallTrace,
+                  ended: list[EndedTurn]) -> TurnState | str:
         cur = st.turn
         if call.turn_id is not None:
             key = call.turn_id
             if cur is not None and cur.key == key:
                 return cur
             if key in st.ended:
-                return st.ended[key]
+                return key
         else:
             if cur is not None and (
-                call.api == _COMPACT_API
+                call.api == COMPACT_API
                 or cur.last_outcome != "ok"
                 or any(cid in cur.pending for cid in call.tool_output_ids)
             ):
                 return cur
             key = "request:" + call.request_id
-        self._end_turn(st, "next_turn")
-        return self._start_turn(st, key, call)
-
-    def _start_turn(self, st: SessionState, key: str, call: CallTrace) -> TurnState:
+        done = self._close_local(st, "next_turn")
+        if done is not None:
+            ended.append(done)
         st.turns_started += 1
-        n = st.turns_started
-        attrs: Attrs = {
-            OPERATION: "invoke_agent",
-            CONVERSATION_ID: st.session_id,
-            AE + "turn.number": n,
-            AE + "org": call.org,
-            AE + "team": call.team,
-            AE + "user": call.user,
-        }
-        if call.turn_id is not None:
-            attrs[AE + "turn.id"] = call.turn_id
-        self._ids.prime(trace_id=st.trace_id, span_id=turn_span_id(st.session_id, key))
-        try:
-            span = self._tracer.start_span(f"turn {n}", _ROOT, SpanKind.INTERNAL, attrs,
-                                           start_time=call.start_ns)
-        finally:
-            self._ids.clear()
-        turn = TurnState(key, n, span, set_span_in_context(span),
-                         call.start_ns, call.end_ns)
+        turn = TurnState(key, st.turns_started, call.start_ns, call.end_ns, call.org,
+                         call.team, call.user, call.turn_id)
         st.turn = turn
         return turn
 
-    def _end_turn(self, st: SessionState, reason: str) -> int:
+    def _close_local(self, st: SessionState, reason: str) -> EndedTurn | None:
         turn = st.turn
         if turn is None:
-            return 0
+            return None
         st.turn = None
-        st.ended[turn.key] = turn.span.get_span_context()
+        st.ended[turn.key] = None
         while len(st.ended) > _MAX_ENDED_TURNS:
             st.ended.popitem(last=False)
-        attrs: Attrs = {
-            AE + "turn.model_calls": turn.calls,
-            AE + "turn.end_reason": reason,
-            INPUT_TOKENS: turn.input_tokens + turn.cache_write_tokens,
-            OUTPUT_TOKENS: turn.output_tokens,
-            CACHE_READ_TOKENS: turn.cached_input_tokens,
-            REASONING_TOKENS: turn.reasoning_tokens,
-            COST_USD: float(turn.cost_usd),
-        }
-        if turn.cache_write_tokens:
-            attrs[CACHE_CREATION_TOKENS] = turn.cache_write_tokens
-        if turn.unpriced_calls:
-            attrs[AE + "turn.unpriced_calls"] = turn.unpriced_calls
-        if turn.pending:
-            attrs[AE + "turn.unanswered_tool_calls"] = len(turn.pending)
-        turn.span.set_attributes(attrs)
-        turn.span.end(end_time=max(turn.last_end_ns, turn.start_ns))
+        turn.sums.unanswered_tools = len(turn.pending)
+        return EndedTurn(st.session_id, turn.key, turn.number, turn.start_ns,
+                         max(turn.last_end_ns, turn.start_ns), turn.org, turn.team, turn.user,
+                         turn.turn_id, reason, turn.sums)
+
+    def _end_local(self, st: SessionState, reason: str) -> int:
+        done = self._close_local(st, reason)
+        if done is None:
+            return 0
+        self._turn_span(done)
         return 1
 
     def _add_to_turn(self, turn: TurnState, call: CallTrace) -> None:
-        turn.calls += 1
+        s = turn.sums
+        s.calls += 1
         turn.last_end_ns = max(turn.last_end_ns, call.end_ns)
         turn.last_outcome = call.outcome
         if call.cost_usd is None:
-            turn.unpriced_calls += 1
+            s.unpriced_calls += 1
         else:
-            turn.cost_usd += call.cost_usd
+            s.cost_usd += call.cost_usd
         if (u := call.usage) is not None:
-            turn.input_tokens += u.input_tokens
-            turn.cached_input_tokens += u.cached_input_tokens
-            turn.cache_write_tokens += u.cache_write_tokens
-            turn.output_tokens += u.output_tokens
-            turn.reasoning_tokens += u.reasoning_tokens
+            s.input_tokens += u.input_tokens
+            s.cached_input_tokens += u.cached_input_tokens
+            s.cache_write_tokens += u.cache_write_tokens
+            s.output_tokens += u.output_tokens
+            s.reasoning_tokens += u.reasoning_tokens
         for cid, name in call.tool_calls:
-            if len(turn.pending) >= _MAX_PENDING_TOOLS:
+            if len(turn.pending) >= MAX_PENDING_TOOLS:
                 self.dropped += 1
                 continue
-            turn.pending[cid] = PendingTool(name, call.end_ns, turn.context)
+            turn.pending[cid] = PendingTool(name, call.end_ns)
+
+    def _turn_context(self, session_id: str, turn_key: str) -> Context:
+        """Parent context naming the turn span (built later, maybe by another replica)."""
+        tid = session_trace_id(session_id)
+        sampled = (self._sampler.should_sample(_ROOT, tid, "turn").decision
+                   is Decision.RECORD_AND_SAMPLE)
+        sc = SpanContext(tid, turn_span_id(session_id, turn_key), is_remote=False,
+                         trace_flags=TraceFlags(TraceFlags.SAMPLED if sampled else 0))
+        return set_span_in_context(NonRecordingSpan(sc))
+
+    def _turn_span(self, t: EndedTurn) -> None:
+        s = t.sums
+        attrs: Attrs = {
+            OPERATION: "invoke_agent",
+            CONVERSATION_ID: t.session_id,
+            AE + "turn.number": t.number,
+            AE + "org": t.org,
+            AE + "team": t.team,
+            AE + "user": t.user,
+            AE + "turn.model_calls": s.calls,
+            AE + "turn.end_reason": t.reason,
+            INPUT_TOKENS: s.input_tokens + s.cache_write_tokens,
+            OUTPUT_TOKENS: s.output_tokens,
+            CACHE_READ_TOKENS: s.cached_input_tokens,
+            REASONING_TOKENS: s.reasoning_tokens,
+            COST_USD: float(s.cost_usd),
+        }
+        if t.turn_id is not None:
+            attrs[AE + "turn.id"] = t.turn_id
+        if s.cache_write_tokens:
+            attrs[CACHE_CREATION_TOKENS] = s.cache_write_tokens
+        if s.unpriced_calls:
+            attrs[AE + "turn.unpriced_calls"] = s.unpriced_calls
+        if s.unanswered_tools:
+            attrs[AE + "turn.unanswered_tool_calls"] = s.unanswered_tools
+        self._ids.prime(trace_id=session_trace_id(t.session_id),
+                        span_id=turn_span_id(t.session_id, t.key))
+        try:
+            span = self._tracer.start_span(f"turn {t.number}", _ROOT, SpanKind.INTERNAL, attrs,
+                                           start_time=t.start_ns)
+        finally:
+            self._ids.clear()
+        span.end(end_time=max(t.end_ns, t.start_ns))
 
     def _chat_span(self, call: CallTrace, parent: Context, session_id: str | None) -> None:
         attrs: Attrs = {
@@ -403,6 +569,13 @@ class SessionTracer:
             attrs[ERROR_TYPE] = call.error_type or call.outcome
         for k, v in call.tags.items():
             attrs[TAG_PREFIX + k] = v
+        if call.content is not None:  # opt-in, redacted and capped by the caller
+            attrs[INPUT_MESSAGES] = call.content.input_messages
+            attrs[OUTPUT_MESSAGES] = call.content.output_messages
+            if call.content.system_instructions is not None:
+                attrs[SYSTEM_INSTRUCTIONS] = call.content.system_instructions
+            if call.content.truncated:
+                attrs[AE + "content.truncated"] = True
         name = f"chat {call.request_model}" if call.request_model else "chat"
         span = self._tracer.start_span(name, parent, SpanKind.CLIENT, attrs,
                                        _link(call.traceparent), start_time=call.start_ns)
@@ -412,17 +585,18 @@ class SessionTracer:
             span.set_status(Status(StatusCode.ERROR))
         span.end(end_time=max(call.end_ns, call.start_ns))
 
-    def _tool_span(self, session_id: str, call_id: str, p: PendingTool, end_ns: int) -> None:
+    def _tool_span(self, session_id: str, run: ToolRun, end_ns: int) -> None:
         attrs: Attrs = {
             OPERATION: "execute_tool",
-            TOOL_NAME: p.name,
-            TOOL_CALL_ID: call_id,
+            TOOL_NAME: run.name,
+            TOOL_CALL_ID: run.call_id,
             CONVERSATION_ID: session_id,
             TOOL_INCLUDES_APPROVAL: True,
         }
-        span = self._tracer.start_span(f"execute_tool {p.name}", p.parent, SpanKind.INTERNAL,
-                                       attrs, start_time=p.start_ns)
-        span.end(end_time=max(end_ns, p.start_ns))
+        span = self._tracer.start_span(f"execute_tool {run.name}",
+                                       self._turn_context(session_id, run.turn_key),
+                                       SpanKind.INTERNAL, attrs, start_time=run.start_ns)
+        span.end(end_time=max(end_ns, run.start_ns))
 
 
 # --- provider --------------------------------------------------------------
@@ -444,18 +618,19 @@ def _http_traces_url(endpoint: str) -> str:
 
 
 def _processor(kind: ExporterKind, endpoint: str | None,
-               headers: Mapping[str, str] | None) -> SpanProcessor | None:
+               headers: Mapping[str, str] | None, drops: DropCounter) -> SpanProcessor | None:
     # Exporters are imported lazily: the gRPC one pulls in grpcio.
     if kind == "otlp-http":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         url = _http_traces_url(endpoint) if endpoint else None
-        return BatchSpanProcessor(OTLPSpanExporter(endpoint=url, headers=headers))
+        return CountingBatchProcessor(
+            CountingExporter(OTLPSpanExporter(endpoint=url, headers=headers), drops), drops)
     if kind == "otlp-grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
             OTLPSpanExporter as GrpcSpanExporter,
         )
-        return BatchSpanProcessor(GrpcSpanExporter(endpoint=endpoint,
-                                                   headers=dict(headers) if headers else None))
+        grpc = GrpcSpanExporter(endpoint=endpoint, headers=dict(headers) if headers else None)
+        return CountingBatchProcessor(CountingExporter(grpc, drops), drops)
     return None
 
 
@@ -466,6 +641,7 @@ def build_tracer_provider(
     endpoint: str | None = None,
     headers: Mapping[str, str] | None = None,
     sample_ratio: float | None = None,
+    drops: DropCounter | None = None,
 ) -> TracerProvider:
     """A TracerProvider for ``SessionTracer``; None arguments defer to the OTEL_* env vars.
 
@@ -476,6 +652,8 @@ def build_tracer_provider(
       For OTLP/HTTP a full traces URL, or a base URL to which /v1/traces is added.
     sample_ratio: ParentBased(TraceIdRatioBased); None -> OTEL_TRACES_SAMPLER[_ARG].
       Trace ids are per session, so every replica keeps or drops a whole session.
+    drops: counts spans the exporter fails to deliver or the queue overflows (give the
+      same counter to ``SessionTracer`` so ``dropped_total`` includes them).
     """
     resource = Resource.create()
     env_named = not str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service")
@@ -487,7 +665,8 @@ def build_tracer_provider(
     # No atexit hook: SessionTracer.shutdown is the bounded flush; the SDK's could hold exit 30 s.
     provider = TracerProvider(sampler=sampler, resource=resource, id_generator=PrimedIdGenerator(),
                               shutdown_on_exit=False)
-    proc = _processor(exporter or _exporter_from_env(), endpoint, headers)
+    proc = _processor(exporter or _exporter_from_env(), endpoint, headers,
+                      drops if drops is not None else DropCounter())
     if proc is not None:
         provider.add_span_processor(proc)
     return provider

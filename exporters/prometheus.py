@@ -7,7 +7,11 @@ user-supplied free text or a token.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 _LAT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -33,10 +37,11 @@ class Metrics:
                                 ["rule"], registry=r)
         self.ttfb = Histogram("agent_egress_time_to_first_byte_seconds",
                               "Request start to first response byte from the provider.",
-                              ["provider"], buckets=_LAT_BUCKETS, registry=r)
+                              ["provider", "model"], buckets=_LAT_BUCKETS, registry=r)
         self.duration = Histogram("agent_egress_request_duration_seconds",
-                                  "Request start to end of response.", ["provider", "api"],
-                                  buckets=_LAT_BUCKETS, registry=r)
+                                  "Request start to end of response.",
+                                  ["provider", "model", "api"], buckets=_LAT_BUCKETS,
+                                  registry=r)
         self.overhead = Histogram("agent_egress_gateway_overhead_seconds",
                                   "Time spent in the gateway's own hooks and stream tap per call.",
                                   ["api"], buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025,
@@ -90,3 +95,40 @@ class Metrics:
         self.guardrail_hits = Counter("agent_egress_guardrail_hits",
                                       "Guardrail findings, by rule, action and direction.",
                                       ["rule", "action", "direction", "team"], registry=r)
+        # telemetry (issue 7): spans and audit events lost, read live from the exporters
+        self.telemetry_drops = TelemetryDrops()
+        r.register(self.telemetry_drops)
+
+
+# telemetry (issue 7) ---------------------------------------------------------------
+class TelemetryDrops(Collector):
+    """``agent_egress_telemetry_dropped_total{kind}``: telemetry lost so requests never wait.
+
+    The exporters keep plain integer counts (their hot paths must not touch a
+    metrics lock); this collector reads them at scrape time. Both kinds are always
+    exported, at 0 until something is lost, so the alert has a series to watch.
+    """
+
+    KINDS = ("spans", "audit")
+
+    def __init__(self) -> None:
+        self._sources: dict[str, list[Callable[[], int]]] = {k: [] for k in self.KINDS}
+
+    def add(self, kind: str, source: Callable[[], int]) -> None:
+        self._sources[kind].append(source)
+
+    def value(self, kind: str) -> int:
+        return sum(src() for src in self._sources[kind])
+
+    def describe(self) -> Iterable[Metric]:
+        return [CounterMetricFamily("agent_egress_telemetry_dropped",
+                                    "Spans (or calls whose spans were lost) and audit events"
+                                    " dropped.", labels=["kind"])]
+
+    def collect(self) -> Iterable[Metric]:
+        fam = CounterMetricFamily("agent_egress_telemetry_dropped",
+                                  "Spans (or calls whose spans were lost) and audit events"
+                                  " dropped.", labels=["kind"])
+        for kind in self.KINDS:
+            fam.add_metric([kind], self.value(kind))
+        yield fam

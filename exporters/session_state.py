@@ -16,9 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from opentelemetry.context import Context
 from opentelemetry.sdk.trace.id_generator import IdGenerator
-from opentelemetry.trace import INVALID_SPAN_ID, INVALID_TRACE_ID, Span, SpanContext
+from opentelemetry.trace import INVALID_SPAN_ID, INVALID_TRACE_ID
 
 _SESSION_NS = b"agent-egress/session/"
 _TURN_NS = b"agent-egress/turn/"
@@ -89,21 +88,13 @@ class PendingTool:
 
     name: str
     start_ns: int
-    parent: Context
 
 
 @dataclass(slots=True)
-class TurnState:
-    """An open turn span and the sums it reports when it ends."""
+class TurnSums:
+    """What a turn span reports when it ends (summed over every call, on any replica)."""
 
-    key: str
-    number: int
-    span: Span
-    context: Context
-    start_ns: int
-    last_end_ns: int
     calls: int = 0
-    last_outcome: str = "ok"
     cost_usd: Decimal = Decimal(0)
     unpriced_calls: int = 0
     input_tokens: int = 0
@@ -111,7 +102,64 @@ class TurnState:
     cache_write_tokens: int = 0
     output_tokens: int = 0
     reasoning_tokens: int = 0
+    unanswered_tools: int = 0
+
+
+@dataclass(slots=True)
+class TurnState:
+    """An open turn: its span is built only when it ends, from these facts.
+
+    Holding facts instead of a live SDK span is what lets another replica (through
+    Redis) end a turn this one started: the span id is a hash, the rest is data.
+    """
+
+    key: str
+    number: int
+    start_ns: int
+    last_end_ns: int
+    org: str
+    team: str
+    user: str
+    turn_id: str | None
+    last_outcome: str = "ok"
+    sums: TurnSums = field(default_factory=TurnSums)
     pending: dict[str, PendingTool] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class EndedTurn:
+    """A turn to export now: exactly one replica gets it (Redis decides which)."""
+
+    session_id: str
+    key: str
+    number: int
+    start_ns: int
+    end_ns: int
+    org: str
+    team: str
+    user: str
+    turn_id: str | None
+    reason: str
+    sums: TurnSums
+
+
+@dataclass(frozen=True, slots=True)
+class ToolRun:
+    """A tool execution to export now: asked for in turn ``turn_key``, answered now."""
+
+    call_id: str
+    name: str
+    start_ns: int
+    turn_key: str
+
+
+@dataclass(slots=True)
+class Placement:
+    """Where one settled call goes: its turn, and what it ends (turns, tool runs)."""
+
+    turn_key: str
+    ended: list[EndedTurn] = field(default_factory=list)
+    tools: list[ToolRun] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -121,8 +169,8 @@ class SessionState:
     last_seen_ns: int
     turns_started: int = 0
     turn: TurnState | None = None
-    ended: OrderedDict[str, SpanContext] = field(default_factory=OrderedDict)
-    """Recently ended turns, so a late call of one parents to it instead of reopening it."""
+    ended: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    """Recently ended turn keys, so a late call of one parents to it instead of reopening it."""
 
 
 class SessionTable:
@@ -161,6 +209,9 @@ class SessionTable:
                 return
             del self._by_id[st.session_id]
             yield st
+
+    def ids(self) -> list[str]:
+        return list(self._by_id)
 
     def pop_all(self) -> list[SessionState]:
         out = list(self._by_id.values())

@@ -45,6 +45,12 @@ if ! tools/codex/node_modules/.bin/codex --version 2>/dev/null | grep -q "$CODEX
   npm install --prefix tools/codex --no-package-lock --no-audit --no-fund --loglevel=error
 fi
 export CODEX_BIN="$PWD/tools/codex/node_modules/.bin/codex"
+# anthropic (issue 13): the Claude Code CLI, pinned (tools/claude/package.json), the same way.
+CLAUDE_VERSION="$(.venv/bin/python -c 'import json;print(json.load(open("tools/claude/package.json"))["dependencies"]["@anthropic-ai/claude-code"])')"
+if ! tools/claude/node_modules/.bin/claude --version 2>/dev/null | grep -q "$CLAUDE_VERSION"; then
+  npm install --prefix tools/claude --no-package-lock --no-audit --no-fund --loglevel=error
+fi
+export CLAUDE_BIN="$PWD/tools/claude/node_modules/.bin/claude"
 # PostgreSQL/Redis: use the machine's, else start our own; never skip silently.
 export AGENT_EGRESS_TEST_SERVICES="${AGENT_EGRESS_TEST_SERVICES:-require}"
 

@@ -153,8 +153,12 @@ def test_budget_cli_and_api_for_users_and_keys(tmp_path: Path, fake: FakeProvide
         assert Decimal(team["spent_usd"]) == CALL_USD * (
             by_scope[f"key:{key_id}"]["spent_tokens"] // 1250)
         assert team["resets_at"].startswith("20") and team["limit_usd"] == "5"
-        # the gauges carry the same numbers
-        assert _metric(gw, "agent_egress_budget_spent_tokens", scope=f"key:{key_id}") >= 5000 - 200
+        # the gauges carry the same numbers (refreshed every 2 s)
+        spent = by_scope[f"key:{key_id}"]["spent_tokens"]
+        deadline = time.monotonic() + 6
+        while _metric(gw, "agent_egress_budget_spent_tokens", scope=f"key:{key_id}") != spent:
+            assert time.monotonic() < deadline, "the budget gauge never caught up"
+            time.sleep(0.2)
         table = gw.cli("budget", "status", "--scope", "team:acme/payments").stdout
         assert "team:acme/payments" in table and "REMAINING_USD" in table
         gw.cli("budget", "delete", "--scope", f"key:{key_id}", "--period", "total")

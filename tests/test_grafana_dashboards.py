@@ -63,7 +63,7 @@ def test_the_four_dashboards_and_their_panels() -> None:
     titles = {p["title"] for d in by_title.values() for p in d["panels"]}
     for wanted in ("Spend today", "Spend month to date", "Budget remaining",
                    "Burn rate per team (monthly budget)", "Top users", "Tokens by type",
-                   "Cache-hit ratio", "Time to first token by provider", "Errors by type",
+                   "Cache-hit ratio", "Time to first token by model and provider", "Errors by type",
                    "Refusals by rule", "Failovers", "Circuit breaker state",
                    "Time in our hooks", "Top sessions by cost",
                    "Turns and model calls per session", "Tool calls per session",
@@ -71,7 +71,7 @@ def test_the_four_dashboards_and_their_panels() -> None:
                    "Total by direction", "Total by team"):
         assert wanted in titles
     ttft = next(p for p in by_title["agent-egress / Latency & reliability"]["panels"]
-                if p["title"] == "Time to first token by provider")
+                if p["title"] == "Time to first token by model and provider")
     assert all(t["exemplar"] for t in ttft["targets"])
     sessions = next(p for p in by_title["agent-egress / Sessions"]["panels"]
                     if p["title"] == "Top sessions by cost")
@@ -116,7 +116,7 @@ def _unescape(value: Any) -> Any:
 def test_alerting_file_escapes_dollars_for_grafanas_env_expansion() -> None:
     doc = _yaml("alerting/agent-egress.yaml")
     rules = [r for g in doc["groups"] for r in g["rules"]]
-    assert len(rules) == 14  # 4 burn pairs x (team, org) + 6 others
+    assert len(rules) == 15  # 4 burn pairs x (team, org) + 7 others (issue 7: drops)
     text = (PROVISIONING / "alerting" / "agent-egress.yaml").read_text()
     assert "is_number($$B)" in text and '"$1"' not in text
     api = {r["uid"]: r for g in grafana_alerting.grafana_rules() for r in g["rules"]}

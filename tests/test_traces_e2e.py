@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import time
 from decimal import Decimal
 from pathlib import Path
 
+import httpx
 import pytest
-from conftest import make_gateway, run_codex
+from conftest import Gateway, make_gateway, run_codex
 from fakeprovider import FakeProvider
 from otlp_receiver import OTLPReceiver
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent_egress.exporters.otel import SessionTracer
 
@@ -80,22 +83,42 @@ def test_codex_session_with_two_turns_and_three_tools_is_one_trace(
     # The prompt's content and the token never reach a span.
     blob = json.dumps([[s.name, s.attributes, s.resource] for s in spans], default=str)
     assert CANARY not in blob and token not in blob
+    # Content capture is off by default: no content attribute at all.
+    assert not any(k.startswith(("gen_ai.input.", "gen_ai.output.", "gen_ai.system_"))
+                   for s in spans for k in s.attributes)
 
 
-def test_dead_collector_never_stalls_codex_or_shutdown(tmp_path: Path,
-                                                       fake: FakeProvider) -> None:
-    import time
+def _dropped(gw: Gateway, kind: str) -> float:
+    text = httpx.get(f"{gw.admin_url}/metrics", timeout=5).text
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            if (sample.name == "agent_egress_telemetry_dropped_total"
+                    and sample.labels.get("kind") == kind):
+                return float(sample.value)
+    raise AssertionError(f"no agent_egress_telemetry_dropped_total{{kind={kind!r}}}")
 
-    from conftest import free_port
-    dead = f"http://127.0.0.1:{free_port()}/v1/traces"
+
+def test_dead_collector_never_stalls_codex_or_shutdown_and_drops_are_counted(
+        tmp_path: Path, fake: FakeProvider) -> None:
+    rx = OTLPReceiver()
+    rx.stop()  # the collector went away: its port now refuses connections
     gw = make_gateway(tmp_path, fake.base_url,
-                      telemetry={"traces": {"exporter": "otlp-http", "endpoint": dead}})
+                      telemetry={"traces": {"exporter": "otlp-http", "endpoint": rx.endpoint}})
+    # standard SDK variables: export every 100 ms, give up on a batch after 1 s
+    gw.env.update(OTEL_BSP_SCHEDULE_DELAY="100", OTEL_EXPORTER_OTLP_TRACES_TIMEOUT="1")
     gw.start()
     try:
         token, _ = gw.issue_token()
+        assert _dropped(gw, "spans") == 0 and _dropped(gw, "audit") == 0
         res = run_codex(tmp_path, gw.base_url, token)
         assert res.returncode == 0, res.stderr[-2000:]
         assert len(gw.wait_ledger(2)) == 2
+        # 2 chat spans and 1 execute_tool span were built and could not be delivered
+        deadline = time.monotonic() + 15
+        while _dropped(gw, "spans") < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _dropped(gw, "spans") == 3
+        assert _dropped(gw, "audit") == 0
         t0 = time.monotonic()
         assert gw.stop() == 0
         assert time.monotonic() - t0 < 20  # the trace flush is bounded (10 s)

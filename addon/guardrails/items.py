@@ -92,7 +92,47 @@ def chat_segments(obj: dict[str, Any]) -> Iterator[Segment]:
                                   args, "input", "assistant", i)
 
 
+# anthropic (issue 13) -------------------------------------------------------------
+def _anthropic_blocks(base: Path, content: Any, direction: Direction, role: str,
+                      item: int) -> Iterator[Segment]:
+    """Text blocks (and a plain string) of one Messages content value."""
+    if isinstance(content, str):
+        if content:
+            yield Segment(base, content, direction, role, item)
+        return
+    if not isinstance(content, list):
+        return
+    for j, block in enumerate(content):
+        if not isinstance(block, dict):
+            continue
+        kind = block.get("type")
+        if kind == "text" and isinstance(block.get("text"), str) and block["text"]:
+            yield Segment((*base, j, "text"), block["text"], direction, role, item)
+        elif kind == "tool_result":  # the tool-output channel (indirect injection)
+            yield from _anthropic_blocks((*base, j, "content"), block.get("content"),
+                                         "tool_output", "tool", item)
+        elif kind == "tool_use" and isinstance(block.get("input"), dict):
+            for key, value in block["input"].items():
+                if isinstance(value, str) and value:
+                    yield Segment((*base, j, "input", key), value, "input", role, item)
+
+
+def anthropic_segments(obj: dict[str, Any]) -> Iterator[Segment]:
+    """Messages API: ``system``, then each message's text, tool_use input and
+    tool_result content (thinking blocks are signed and opaque: skipped)."""
+    yield from _anthropic_blocks(("system",), obj.get("system"), "input", "system", -1)
+    messages = obj.get("messages")
+    if not isinstance(messages, list):
+        return
+    for i, msg in enumerate(messages):
+        if isinstance(msg, dict):
+            yield from _anthropic_blocks(("messages", i, "content"), msg.get("content"),
+                                         "input", str(msg.get("role") or "user"), i)
+
+
 def segments(obj: dict[str, Any], api: str) -> list[Segment]:
+    if api == "anthropic.messages":  # anthropic (issue 13)
+        return list(anthropic_segments(obj))
     return list(chat_segments(obj) if api == "openai.chat" else responses_segments(obj))
 
 

@@ -404,6 +404,10 @@ def guard_body(api: str, body: bytes, scan: Scan) -> tuple[bytes | None, list[Fi
         return None, []
     if not isinstance(obj, dict):
         return None, []
+    if api == "anthropic.messages":  # anthropic (issue 13)
+        from .anthropic_stream import guard_message
+        changed_msg, found_msg = guard_message(obj, scan)
+        return (_DUMPS(obj).encode() if changed_msg else None), found_msg
     found: list[Finding] = []
     changed = False
 
