@@ -37,6 +37,9 @@ def cutoff_message(call: Call, adm: Admission) -> str:
 def cutoff_event(api: str, message: str, response_id: str | None) -> bytes:
     """The last event the client gets: a final failure in its own API's format."""
     error = {"message": message, "type": "budget_exceeded", "code": FINAL_CODE, "param": None}
+    if api == "anthropic.messages":  # Anthropic's mid-stream error event
+        err = {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+        return b"event: error\ndata: " + json.dumps(err).encode() + b"\n\n"
     if api == "openai.chat":
         return b"data: " + json.dumps({"error": {**error, "code": "budget_exceeded"}}
                                       ).encode() + b"\n\ndata: [DONE]\n\n"

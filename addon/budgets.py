@@ -34,7 +34,7 @@ from .call import Call
 from .limiter.base import Crossing, Limiter, LimiterUnavailable, refusal_unavailable
 from .limiter.redis import RedisLimiter
 from .policy import Provider, Settings
-from .pricing import price_call
+from .pricing import ModelPrice, price_call
 from .protocols.openai_responses import estimate_tokens
 from .protocols.usage import Usage
 from .store.base import LedgerRow, Store, usd_to_nano
@@ -55,9 +55,14 @@ class Budgets:
         self.audit = audit
         self.base = LimitBook.from_config(settings.budgets, settings.rate_limits)
         self.book = self.base
-        self.provider: Provider = settings.provider()
-        self._prices = {m: o.to_model_price() for m, o in self.provider.prices.items()}
-        self._rates: dict[str, tuple[float, float]] = {}
+        default = settings.provider()
+        anthropic = next((p for p in settings.providers if p.kind == "anthropic"), default)
+        self._pricing: dict[bool, tuple[Provider, dict[str, ModelPrice]]] = {
+            is_anthropic: (p, {m: o.to_model_price() for m, o in p.prices.items()})
+            for is_anthropic, p in ((False, default), (True, anthropic))}
+        """Reservations price a call with a provider that speaks its API (Claude models are
+        not priced by an OpenAI provider's table)."""
+        self._rates: dict[tuple[bool, str], tuple[float, float]] = {}
         self._fingerprint: tuple[object, ...] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._gauged: set[tuple[str, str, str, str]] = set()
@@ -82,17 +87,18 @@ class Budgets:
 
     # -- estimates ----------------------------------------------------------------------
 
-    def _rate(self, model: str) -> tuple[float, float]:
+    def _rate(self, model: str, anthropic: bool = False) -> tuple[float, float]:
         """Nano-USD per input and per output token for `model` (0 when unpriced)."""
-        rate = self._rates.get(model)
+        rate = self._rates.get((anthropic, model))
         if rate is None:
-            pid = self.provider.pricing_provider_id
-            cin = price_call(Usage(input_tokens=_MTOK), model, pid, self._prices).usd
-            cout = price_call(Usage(output_tokens=_MTOK), model, pid, self._prices).usd
+            provider, prices = self._pricing[anthropic]
+            pid = provider.pricing_provider_id
+            cin = price_call(Usage(input_tokens=_MTOK), model, pid, prices).usd
+            cout = price_call(Usage(output_tokens=_MTOK), model, pid, prices).usd
             rate = (float(cin or 0) * NANO_PER_USD / _MTOK,
                     float(cout or 0) * NANO_PER_USD / _MTOK)
             if len(self._rates) < 1024:  # model names come from clients: bound the cache
-                self._rates[model] = rate
+                self._rates[(anthropic, model)] = rate
         return rate
 
     def plan_for(self, call: Call) -> Plan:
@@ -100,7 +106,7 @@ class Budgets:
         assert p is not None
         model = call.requested_model or ""
         res = self.cfg.reservation
-        in_rate, out_rate = self._rate(model)
+        in_rate, out_rate = self._rate(model, call.api == "anthropic.messages")
         est_nano, est_tokens = estimate(
             estimate_tokens(call.request_bytes), res.output_allowance(model), in_rate,
             out_rate, int(res.max_usd * NANO_PER_USD))
@@ -117,7 +123,8 @@ class Budgets:
             return refusal_unavailable(plan.scopes[0])
         if isinstance(result, Refusal):
             return result
-        in_rate, out_rate = self._rate(call.requested_model or "")
+        in_rate, out_rate = self._rate(call.requested_model or "",
+                                       call.api == "anthropic.messages")
         result.input_nano = int(estimate_tokens(call.request_bytes) * in_rate)
         result.out_rate_nano = out_rate
         call.admission = result

@@ -181,6 +181,7 @@ class Settle:
             duration_ms=int((now - call.started) * 1000),
             outcome=outcome,
             tags=call.tags or None,
+            agent=call.agent,
             error_code=(summary.error_code if summary is not None else None)
             or (outcome if outcome != "ok" else None),
         )

@@ -342,3 +342,17 @@ def test_redis_down_refuses_only_calls_that_a_limit_applies_to(tmp_path: Path) -
 
     asyncio.run(go())
     store.close()
+
+
+def test_output_meter_reads_anthropic_deltas() -> None:
+    from agent_egress.addon.protocols.output_meter import OutputMeter
+
+    stream = (b'event: message_start\ndata: {"type":"message_start","message":{"content":[],'
+              b'"usage":{"input_tokens":5}}}\n\n'
+              b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+              b'"delta":{"type":"text_delta","text":"Hello there"}}\n\n'
+              b'event: content_block_delta\ndata: {"type":"content_block_delta","index":1,'
+              b'"delta":{"type":"input_json_delta","partial_json":"{\\"cmd\\": \\"ls\\"}"}}\n\n')
+    meter = OutputMeter()
+    meter.feed(stream)
+    assert meter.chars == len("Hello there") + len('{"cmd": "ls"}')

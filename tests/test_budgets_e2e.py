@@ -79,6 +79,9 @@ def test_codex_shows_the_spent_budget_and_does_not_retry(tmp_path: Path,
         assert len(fake.requests) == served, "a refused call reached the provider"
         # Final, not transient: Codex showed it after one request, no retry loop.
         assert _metric(gw, "agent_egress_refusals_total", rule="budget_exceeded") == 1
+        assert {r["agent"] for r in gw.ledger()} == {"codex"}  # finance splits by agent
+        by_agent = json.loads(gw.cli("spend", "--by", "agent", "--format", "json").stdout)
+        assert [(a["agent"], a["calls"]) for a in by_agent] == [("codex", 2)]
     finally:
         gw.stop()
 

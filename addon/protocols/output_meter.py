@@ -1,7 +1,8 @@
 """Meter a stream's generated text as it passes, for the budget cut-off.
 
 Counts the characters of what the model writes (Responses `*.delta` events;
-Chat Completions `content` / `arguments` / `refusal` deltas), not the SSE
+Chat Completions `content` / `arguments` / `refusal` deltas; Anthropic
+`content_block_delta` text, JSON and thinking), not the SSE
 framing around them, so a running output-token estimate is near the real
 count. Reasoning tokens are billed but not streamed, so the meter undercounts
 reasoning models: the cut-off is a backstop, the reservation is the limit.
@@ -17,9 +18,11 @@ _RESPONSES_DELTAS = frozenset({
     b"response.output_text.delta", b"response.function_call_arguments.delta",
     b"response.refusal.delta", b"response.reasoning_summary_text.delta",
     b"response.custom_tool_call_input.delta",
+    b"content_block_delta",  # Anthropic: text_delta, input_json_delta, thinking_delta
 })
 # A JSON string value after one of these keys; escapes count as one character each.
-_VALUE = re.compile(rb'"(?:delta|content|arguments|refusal)"\s*:\s*"((?:[^"\\]|\\.)*)"')
+_VALUE = re.compile(
+    rb'"(?:delta|content|arguments|refusal|text|partial_json|thinking)"\s*:\s*"((?:[^"\\]|\\.)*)"')
 _ESCAPE = re.compile(rb"\\(?:u[0-9a-fA-F]{4}|.)")
 
 

@@ -127,6 +127,8 @@ class LedgerRow:
     outcome: str
     error_code: str | None
     tags: Mapping[str, str] | None = None
+    agent: str | None = None
+    """codex, claude-code or other (from the user agent): finance splits spend by it."""
 
 
 @dataclass(frozen=True, slots=True)

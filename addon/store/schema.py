@@ -132,6 +132,7 @@ ledger = Table(
     Column("outcome", String(32), nullable=False),
     Column("error_code", String(64), nullable=True),
     Column("tags", JSON, nullable=True),
+    Column("agent", String(32), nullable=True),
     Index("ix_ledger_ts", "ts"),
     Index("ix_ledger_team_ts", "team", "ts"),
     Index("ix_ledger_session", "session_id"),

@@ -67,6 +67,7 @@ _GROUP_COLUMNS = {
     "key": ledger.c.key_id,
     "provider": ledger.c.provider,
     "session": ledger.c.session_id,
+    "agent": ledger.c.agent,
     "model": func.coalesce(ledger.c.served_model, ledger.c.requested_model),
 }
 
