@@ -40,7 +40,7 @@ from .breaker import STATE_VALUE, Breaker, BreakerBoard, State
 from .call import METADATA_KEY, Call
 from .overhead import timed
 from .policy import FailoverSettings, Provider, ProviderTimeouts
-from .protocols.errors import openai_error_body
+from .protocols.errors import error_body_for
 from .protocols.responses_to_chat import ChatToResponsesStream, response_body
 
 log = logging.getLogger("agent_egress.failover")
@@ -392,7 +392,8 @@ class FailoverTap:
     def _retry_elsewhere(self, flow: http.HTTPFlow, call: Call, a: Attempt) -> None:
         upstream = call.status_code
         retry429 = self.state.cfg.retry_status == 429
-        body = openai_error_body(
+        body = error_body_for(
+            call.api,
             f"agent-egress: provider {a.provider.name!r} answered {upstream}; your client's"
             f" retry goes to another provider (request id {call.request_id})",
             type="server_error", code="provider_failover")
@@ -436,7 +437,8 @@ class FailoverErrors:
         if a.headers_at is None and flow.response is None:
             # mitmproxy now writes its 502 (JSON, see mitm_internals): say what happened.
             nxt = f"; your client's retry goes to {alts[0]!r}" if alts else "; retry shortly"
-            mitm_internals.pending_error.set((call.request_id, openai_error_body(
+            mitm_internals.pending_error.set((call.request_id, error_body_for(
+                call.api,
                 f"agent-egress: provider {a.provider.name!r} failed ({reason.replace('_', ' ')})"
                 f"{nxt} (request id {call.request_id})",
                 type="server_error", code="upstream_unreachable")))

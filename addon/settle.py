@@ -25,7 +25,7 @@ from .ledger import LedgerWriter
 from .policy import Provider
 from .pricing import ModelPrice, price_call
 from .protocols import anthropic_messages, openai_chat, openai_responses
-from .protocols.errors import openai_error_body
+from .protocols.errors import error_body_for
 from .protocols.usage import Usage
 from .store.base import LedgerRow
 
@@ -123,10 +123,8 @@ class Settle:
             # hand it our JSON body with this call's request id.
             message = (f"agent-egress: provider {call.provider!r} could not be reached"
                        f" ({call.error}); retry shortly (request id {call.request_id})")
-            mitm_internals.pending_error.set((call.request_id, (
-                anthropic_messages.error_body(message, type="api_error")  # anthropic (issue 13)
-                if call.api == "anthropic.messages" else
-                openai_error_body(message, type="server_error", code="upstream_unreachable"))))
+            mitm_internals.pending_error.set((call.request_id, error_body_for(
+                call.api, message, type="server_error", code="upstream_unreachable")))
         if call.refused is None and call.provider is not None:
             self._settle(call)
         if self.budgets is not None:

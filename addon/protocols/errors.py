@@ -26,3 +26,12 @@ def universal_error_body(message: str, *, type: str, code: str) -> bytes:
         },
         ensure_ascii=False,
     ).encode()
+
+
+def error_body_for(api: str, message: str, *, type: str, code: str) -> bytes:
+    """An error body in the format of the API the client called (DESIGN §5)."""
+    if api == "anthropic.messages":
+        from .anthropic_messages import error_body
+
+        return error_body(message, type="api_error")
+    return openai_error_body(message, type=type, code=code)
