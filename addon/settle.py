@@ -207,7 +207,7 @@ class Settle:
                        row.outcome).inc()
         m.overhead.labels(row.api).observe(call.overhead_s)
         if row.cost_usd:
-            m.cost.labels(row.org, row.team, row.provider, label_model).inc(
+            m.cost.labels(row.org, row.team, row.provider, label_model, call.agent).inc(
                 float(row.cost_usd), exemplar=ex)
         for kind, n in (("input", usage.input_tokens - usage.cached_input_tokens),
                         ("cached_input", usage.cached_input_tokens),

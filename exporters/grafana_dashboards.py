@@ -202,10 +202,10 @@ def cost() -> dashboard.Dashboard:
         ts("Spend rate by team", "USD per hour, per org/team.", "currencyUSD",
            [prom(f"sum by (org, team) (rate({c}[$__rate_interval])) * 3600",
                  "{{org}}/{{team}}")], stack=True),
-        ts("Spend rate by agent", "Model calls per second by agent (originator header):"
-           " the cost metric carries no agent label, so this is call volume, not USD.",
-           "reqps", [prom(f"sum by (agent) (rate(agent_egress_model_calls_total{{{F}}}"
-                          "[$__rate_interval]))", "{{agent}}")]),
+        ts("Spend rate by agent", "USD per hour by coding agent (codex, claude-code, other;"
+           " from the client's originator / user agent).", "currencyUSD",
+           [prom(f"sum by (agent) (rate({c}[$__rate_interval])) * 3600", "{{agent}}")],
+           stack=True),
         bars("Budget remaining", "Remaining share of every configured budget in its current"
              " period (limit minus spent minus reserved, over the limit); user and key"
              " budgets included.", "percentunit",

@@ -23,8 +23,8 @@ class Metrics:
         call = ["org", "team", "provider", "model", "api", "agent", "outcome"]
         money = ["org", "team", "provider", "model"]
         self.calls = Counter("agent_egress_model_calls", "Model calls settled.", call, registry=r)
-        self.cost = Counter("agent_egress_cost_usd", "Cost of model calls in USD.", money,
-                            registry=r)
+        self.cost = Counter("agent_egress_cost_usd", "Cost of model calls in USD.",
+                            [*money, "agent"], registry=r)
         self.tokens = Counter("agent_egress_tokens", "Tokens by type.", [*money, "type"],
                               registry=r)
         self.unpriced = Counter("agent_egress_unpriced_calls",
