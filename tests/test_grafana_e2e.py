@@ -182,8 +182,10 @@ def test_every_panel_and_rule_runs_on_real_data(tmp_path: Path, fake: FakeProvid
         while not prom.query("agent_egress_cost_usd_total") and time.monotonic() < deadline:
             time.sleep(0.3)
         time.sleep(1.5)
+        # as Codex (originator header), so it adds to the session's cost series (agent label)
         assert httpx.post(f"{gw.base_url}/responses", json=body, timeout=10,
-                          headers={"authorization": f"Bearer {token}"}).status_code == 200
+                          headers={"authorization": f"Bearer {token}",
+                                   "originator": "codex_exec"}).status_code == 200
         rows = pg_ledger(pg_url, len(fake.requests_to("/v1/responses")))
         # wait until Prometheus has the last call and the rules evaluated twice since
         deadline = time.monotonic() + 30
