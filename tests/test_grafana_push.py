@@ -98,7 +98,7 @@ def test_push_creates_the_folder_then_uploads_dashboards_and_rule_groups() -> No
             assert b["dashboard"]["id"] is None
             assert {k: v for k, v in b["dashboard"].items() if k != "id"} == d.body
         rule_groups = [b for m, _, _, b in server.calls if m == "PUT"]
-        assert sum(len(g["rules"]) for g in rule_groups) == 14
+        assert sum(len(g["rules"]) for g in rule_groups) == 15
         for g in rule_groups:
             assert g["folderUid"] == "agent-egress" and g["interval"] == 30
             for r in g["rules"]:
