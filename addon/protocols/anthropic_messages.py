@@ -22,6 +22,8 @@ from .openai_responses import load_object, require_model
 from .sse import MAX_EVENT_BYTES, SSEScanner
 from .summary import BadRequest, ResponseSummary
 from .usage import Usage
+from .values import loads_object as _loads
+from .values import nonempty_str as _str
 
 API = "anthropic.messages"
 SESSION_HEADER = "x-claude-code-session-id"
@@ -280,13 +282,3 @@ def _apply_error(s: ResponseSummary, err: Mapping[str, Any]) -> None:
     s.error_message = _str(err.get("message")) or s.error_message
 
 
-def _loads(data: bytes) -> dict[str, Any] | None:
-    try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
-def _str(v: Any) -> str | None:
-    return v if isinstance(v, str) and v else None

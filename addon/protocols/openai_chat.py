@@ -16,9 +16,6 @@ from typing import Any
 from .openai_responses import (
     RequestInfo,
     _apply_error,
-    _int,
-    _loads,
-    _str,
     _sub,
     load_object,
     require_model,
@@ -26,6 +23,9 @@ from .openai_responses import (
 from .sse import MAX_EVENT_BYTES, SSEScanner
 from .summary import BadRequest, ResponseSummary
 from .usage import Usage
+from .values import loads_object as _loads
+from .values import nonempty_str as _str
+from .values import positive_int as _int
 
 __all__ = [
     "ChatStreamReader",

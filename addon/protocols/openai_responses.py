@@ -16,6 +16,9 @@ from typing import Any
 from .sse import MAX_EVENT_BYTES, SSEScanner
 from .summary import BadRequest, ResponseSummary
 from .usage import Usage
+from .values import loads_object as _loads
+from .values import nonempty_str as _str
+from .values import positive_int as _int
 
 _CREATED = b"response.created"
 _ITEM_DONE = b"response.output_item.done"
@@ -258,22 +261,6 @@ def _add_call(s: ResponseSummary, item: Any) -> None:
 def _apply_error(s: ResponseSummary, err: Mapping[str, Any]) -> None:
     s.error_code = _str(err.get("code")) or _str(err.get("type")) or s.error_code
     s.error_message = _str(err.get("message")) or s.error_message
-
-
-def _loads(data: bytes) -> dict[str, Any] | None:
-    try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
-def _str(v: Any) -> str | None:
-    return v if isinstance(v, str) and v else None
-
-
-def _int(v: Any) -> int:
-    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
 
 
 def _sub(u: Mapping[str, Any], key: str, field: str) -> Any:
