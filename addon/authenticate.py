@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from mitmproxy import http
 
-from . import tokens
+from . import egress, tokens
 from .call import METADATA_KEY, Call
 from .keycache import KeyCache
 from .overhead import timed_async
@@ -34,6 +34,11 @@ class Authenticate:
             token = flow.request.headers.get("x-api-key", "").strip() or None
         for name in _CREDENTIAL_HEADERS:
             flow.request.headers.pop(name, None)
+        # egress proxy mode (issue 9): the proxy credential wins over the agent's API key
+        token = flow.metadata.get(egress.PROXY_CREDENTIAL_KEY) or token
+        if egress.is_proxied(flow) and (not token or not tokens.is_well_formed(token)):
+            egress.challenge(flow, call, egress.MISSING_CREDENTIAL, "proxy_auth_required")
+            return
         if not token:
             self._refuse(flow, call, "no gateway token: send Authorization: Bearer <your"
                          " agent-egress token> (ask your platform team for one)", "token_missing")

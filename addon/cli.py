@@ -520,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_grafana import add_grafana_parsers, add_report_parser
     add_grafana_parsers(sub)
     add_report_parser(sub)
+    from .cli_ca import add_ca_parsers  # egress proxy mode (issue 9)
+    add_ca_parsers(sub)
 
     audit = sub.add_parser("audit", help="the hash-chained audit log").add_subparsers(
         dest="acmd", required=True)

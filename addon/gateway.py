@@ -12,8 +12,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mitmproxy import http, options
+from mitmproxy.addons import (
+    block,
+    core,
+    disable_h2c,
+    dns_resolver,
+    next_layer,
+    proxyserver,
+    strip_dns_https_records,
+    tlsconfig,
+    update_alt_svc,
+)
 from mitmproxy.addons.proxyserver import Proxyserver
-from mitmproxy.tools.dump import DumpMaster
+from mitmproxy.master import Master
 from opentelemetry.sdk.trace import TracerProvider
 
 from agent_egress.exporters.audit import AsyncAuditWriter, AuditLog
@@ -32,6 +43,7 @@ from .budgets import Budgets
 from .call import METADATA_KEY
 from .capture import ContentCapture
 from .classify import Classify
+from .egress import Egress, host_pattern, intercept_pattern
 from .failover import FailoverErrors, FailoverState, FailoverTap
 from .guard_input import GuardInput
 from .guard_output import GuardOutput, Recorder
@@ -99,7 +111,7 @@ class Gateway:
     keyring: Keyring
     writer: LedgerWriter
     metrics: Metrics
-    master: DumpMaster
+    master: Master
     classify: Classify
     inflight: Inflight
     admin: AdminServer
@@ -225,6 +237,18 @@ def _tracer_provider(settings: Settings, drops: DropCounter) -> TracerProvider |
                                  sample_ratio=cfg.sample_ratio, drops=drops)
 
 
+def proxy_addons() -> list[Any]:
+    """The mitmproxy addons a gateway needs, not DumpMaster's thirty.
+
+    mitmproxy invokes every addon for every event of every flow, so playback,
+    export, map-local and the like cost CPU per request while doing nothing here;
+    errorcheck would also sys.exit inside the loop (start() checks listening itself).
+    """
+    return [core.Core(), block.Block(), strip_dns_https_records.StripDnsHttpsRecords(),
+            disable_h2c.DisableH2C(), proxyserver.Proxyserver(), dns_resolver.DnsResolver(),
+            next_layer.NextLayer(), tlsconfig.TlsConfig(), update_alt_svc.UpdateAltSvc()]
+
+
 def _mitm_options(settings: Settings) -> dict[str, Any]:
     provider = settings.provider()
     up = Upstream.from_url(provider.base_url)
@@ -233,13 +257,16 @@ def _mitm_options(settings: Settings) -> dict[str, Any]:
     if settings.listen.proxy:
         phost, pport = _split(settings.listen.proxy)
         modes.append(f"regular@{phost}:{pport}")
-    hosts = sorted({Upstream.from_url(p.base_url).host for p in settings.providers})
+    extra: dict[str, Any] = {}  # egress proxy mode (issue 9): decrypt only LLM hosts
+    if settings.egress.upstream_ca_file is not None:
+        extra["ssl_verify_upstream_trusted_ca"] = str(settings.egress.upstream_ca_file)
     return {
         "mode": modes,
         "connection_strategy": "lazy",
         "http2": False,
         "confdir": str(settings.home / "mitmproxy"),
-        "allow_hosts": ["^(" + "|".join(h.replace(".", r"\.") for h in hosts) + r")(:\d+)?$"],
+        "allow_hosts": [intercept_pattern(settings)],
+        **extra,
     }
 
 
@@ -299,6 +326,8 @@ async def start(settings: Settings) -> Gateway:
                               gcfg.cache_ttl_seconds),
         recorder, gcfg.holdback_chars, gcfg.inline_scan_bytes)
     chain = [
+        Egress(intercept_pattern(settings), host_pattern(settings.egress.deny_hosts),
+               classify.provider_addrs),  # egress proxy mode (issue 9): before classify
         classify,
         inflight,
         Authenticate(keys, hash_keys.token),
@@ -326,10 +355,8 @@ async def start(settings: Settings) -> Gateway:
         telemetry = Telemetry(tracer, providers, capture=capture, shared=shared)
         chain.append(telemetry)
     opts = options.Options()
-    master = DumpMaster(opts, with_termlog=False, with_dumper=False)
-    errorcheck = master.addons.get("errorcheck")
-    if errorcheck is not None:
-        master.addons.remove(errorcheck)  # it would sys.exit inside the loop; we check below
+    master = Master(opts, with_termlog=False)
+    master.addons.add(*proxy_addons())
     master.addons.add(*chain)
     opts.update(**_mitm_options(settings))
 

@@ -228,6 +228,22 @@ class Telemetry(_Strict):
     traces: Traces = Field(default_factory=Traces)
 
 
+# --- egress proxy mode (issue 9) ---
+class Egress(_Strict):
+    """The explicit-proxy listener (HTTPS_PROXY). Host patterns are ``host``, ``host:port``
+    or ``*.suffix[:port]``; a bare host matches any port."""
+
+    intercept_hosts: list[str] = Field(
+        default_factory=lambda: ["api.openai.com", "api.anthropic.com", "chatgpt.com"])
+    """TLS is decrypted only for these and the providers' own host:port; every other
+    CONNECT is tunnelled untouched (the client's handshake reaches the server)."""
+    deny_hosts: list[str] = Field(default_factory=list)
+    """Non-LLM destinations refused with 403 (CONNECT and plain HTTP)."""
+    upstream_ca_file: Path | None = None
+    """CA bundle (PEM) that replaces the default one for verifying upstream TLS (mitmproxy
+    ssl_verify_upstream_trusted_ca), e.g. a corporate CA; the tests trust a self-signed fake."""
+
+
 class Settings(_Strict):
     home: Path
     listen: Listen = Field(default_factory=Listen)
@@ -263,6 +279,8 @@ class Settings(_Strict):
     rate_limits: RateLimits = Field(default_factory=RateLimits)
     # --- guardrails (issue 6) ---
     guardrails: GuardrailsConfig = Field(default_factory=GuardrailsConfig)
+    # --- egress proxy mode (issue 9) ---
+    egress: Egress = Field(default_factory=Egress)
 
     @model_validator(mode="after")
     def _providers(self) -> Settings:

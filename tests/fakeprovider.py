@@ -196,8 +196,10 @@ class FakeProvider:
         usage: FakeUsage | None = None,
         tool_calls: int = 1,
         tool_command: str = DEFAULT_TOOL_COMMAND,
+        tls: tuple[str, str] | None = None,
     ) -> None:
         self.port = port
+        self.tls = tls  # egress mode (issue 9): (certfile, keyfile) serves https
         self._defaults: dict[str, Any] = {
             "answer_text": answer_text,
             "delta_count": delta_count,
@@ -259,7 +261,7 @@ class FakeProvider:
     # ------------------------------------------------------------------ lifecycle
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/v1"
 
     def start(self) -> str:
         if self._thread is not None:
@@ -280,6 +282,8 @@ class FakeProvider:
             lifespan="off",
             access_log=False,
             timeout_graceful_shutdown=1,
+            **({} if self.tls is None else {"ssl_certfile": self.tls[0],
+                                            "ssl_keyfile": self.tls[1]}),
         )
         server = uvicorn.Server(config)
         self._server = server

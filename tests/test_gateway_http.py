@@ -333,7 +333,7 @@ def test_explicit_proxy_listener_meters_provider_and_passes_other_hosts(
         assert r.status_code == 200, r.text
         assert fake.requests[-1].header("authorization") == f"Bearer {PROVIDER_KEY}"
         r = client.post(f"{fake.base_url}/responses", json=responses_body())
-        assert r.status_code == 401
+        assert r.status_code == 407  # egress mode (issue 9): a proxy-auth challenge
         # Another host:port is not an LLM API: passed through untouched, no token needed.
         r = client.get(f"{gateway.admin_url}/healthz")
         assert r.status_code == 200 and r.json() == {"status": "ok"}
