@@ -15,9 +15,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from ..protocols.sse import SSEScanner
-from .findings import Finding, redact, worst
-from .stream import Scan, TextGuard
+from .findings import Finding, redact
+from .stream import Scan, SSEGuard, TextGuard
 
 _DUMPS = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _FIELDS = {"text_delta": "text", "input_json_delta": "partial_json"}
@@ -28,47 +27,16 @@ def _sse(name: bytes | None, payload: bytes) -> bytes:
     return head + b"data: " + payload.replace(b"\n", b"\ndata: ") + b"\n\n"
 
 
-class AnthropicOutputGuard:
+class AnthropicOutputGuard(SSEGuard):
     """Same interface as ``stream.OutputGuard``: feed/close, ``blocked``, ``hits``."""
 
     def __init__(self, scan: Scan, holdback: int,
                  block_message: Callable[[Finding], str]) -> None:
-        self._scan = scan
-        self._holdback = holdback
-        self._message = block_message
-        self._sse = SSEScanner()
+        super().__init__(scan, holdback, block_message)
         self._texts: dict[int, tuple[str, TextGuard]] = {}
-        self.blocked: Finding | None = None
-        self.hits: dict[tuple[str, str], int] = {}
 
-    def feed(self, chunk: bytes) -> bytes:
-        if self.blocked is not None:
-            return b""
-        out: list[bytes] = []
-        for name, data in self._sse.feed(chunk):
-            self._event(name, data, out)
-            if self.blocked is not None:
-                break
-        return b"".join(out)
-
-    def close(self) -> bytes:
-        if self.blocked is not None:
-            return b""
-        out: list[bytes] = []
-        for name, data in self._sse.close():
-            self._event(name, data, out)
-        if self.blocked is None:
-            self._flush(None, out)
-        return b"".join(out)
-
-    def _note(self, findings: list[Finding]) -> bool:
-        for f in findings:
-            self.hits[(f.rule, f.action)] = 1
-        w = worst(findings)
-        if w is not None and w.action == "block":
-            self.blocked = w
-            return True
-        return False
+    def _flush_all(self, out: list[bytes]) -> None:
+        self._flush(None, out)
 
     def _event(self, name: bytes | None, data: bytes, out: list[bytes]) -> None:
         if name not in (b"content_block_delta", b"content_block_stop", b"message_delta",

@@ -16,6 +16,7 @@ understands (``response.failed`` with a code Codex does not retry / a Chat
 
 from __future__ import annotations
 
+import abc
 import json
 import re
 from collections.abc import Callable
@@ -108,30 +109,21 @@ class TextGuard:
         return redact(sent, findings)
 
 
-class OutputGuard:
-    """Rewrites one SSE response (``openai.responses`` or ``openai.chat``) for the client.
+class SSEGuard(abc.ABC):
+    """What every per-API output guard shares: SSE splitting, the feed/close loop,
+    hit recording and the block state. Subclasses rewrite events (``_event``) and
+    flush what is still held at the end of the body (``_flush_all``)."""
 
-    ``feed`` returns the bytes to send for a network chunk (possibly empty: the
-    text is being held). After a block, ``blocked`` is set, the error event has
-    been returned, and every later chunk yields nothing.
-    """
-
-    def __init__(self, api: str, scan: Scan, holdback: int,
+    def __init__(self, scan: Scan, holdback: int,
                  block_message: Callable[[Finding], str]) -> None:
-        self.chat = api == "openai.chat"
         self._scan = scan
         self._holdback = holdback
         self._message = block_message
         self._sse = SSEScanner()
-        self._texts: dict[tuple[Any, ...], TextGuard] = {}
-        self._full_memo: dict[str, str] = {}
-        self._response_id: str | None = None
-        self._seq = 0
         self.blocked: Finding | None = None
         self.hits: dict[tuple[str, str], int] = {}
         """(rule, action) -> 1 for every rule that hit in this response (never the text)."""
 
-    # -- public -------------------------------------------------------------
     def feed(self, chunk: bytes) -> bytes:
         if self.blocked is not None:
             return b""
@@ -150,13 +142,9 @@ class OutputGuard:
         for name, data in self._sse.close():
             self._event(name, data, out)
         if self.blocked is None:
-            if self.chat:
-                self._chat_flush_all(None, out)
-            else:
-                self._responses_flush(None, out)
+            self._flush_all(out)
         return b"".join(out)
 
-    # -- shared ---------------------------------------------------------------
     def _note(self, findings: list[Finding]) -> bool:
         """Record hits; True (and ``blocked`` set) if one of them blocks."""
         for f in findings:  # held text is rescanned: count each rule once per response
@@ -167,6 +155,37 @@ class OutputGuard:
             return True
         return False
 
+    @abc.abstractmethod
+    def _event(self, name: bytes | None, data: bytes, out: list[bytes]) -> None: ...
+
+    @abc.abstractmethod
+    def _flush_all(self, out: list[bytes]) -> None: ...
+
+
+class OutputGuard(SSEGuard):
+    """Rewrites one SSE response (``openai.responses`` or ``openai.chat``) for the client.
+
+    ``feed`` returns the bytes to send for a network chunk (possibly empty: the
+    text is being held). After a block, ``blocked`` is set, the error event has
+    been returned, and every later chunk yields nothing.
+    """
+
+    def __init__(self, api: str, scan: Scan, holdback: int,
+                 block_message: Callable[[Finding], str]) -> None:
+        super().__init__(scan, holdback, block_message)
+        self.chat = api == "openai.chat"
+        self._texts: dict[tuple[Any, ...], TextGuard] = {}
+        self._full_memo: dict[str, str] = {}
+        self._response_id: str | None = None
+        self._seq = 0
+
+    def _flush_all(self, out: list[bytes]) -> None:
+        if self.chat:
+            self._chat_flush_all(None, out)
+        else:
+            self._responses_flush(None, out)
+
+    # -- shared ---------------------------------------------------------------
     def _full(self, text: str) -> str:
         """A text repeated whole (.done, completed): redact it all; memoised per response."""
         done = self._full_memo.get(text)
