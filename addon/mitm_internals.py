@@ -29,7 +29,15 @@ pending_error: contextvars.ContextVar[tuple[str, bytes] | None] = contextvars.Co
 def json_error_response(status_code: int, message: str = "") -> bytes:
     prepared = pending_error.get()
     pending_error.set(None)
-    if prepared is not None:
+    if "certificate verify failed" in message.lower():
+        # Our hooks only know the upstream failed: say why, since only config fixes it.
+        request_id = prepared[0] if prepared is not None else new_request_id()
+        body = universal_error_body(
+            f"agent-egress: the provider's TLS certificate did not verify ({message});"
+            " the gateway refuses unverified upstreams. If the provider uses a private CA,"
+            f" set egress.upstream_ca_file (request id {request_id})",
+            type="gateway_error", code="upstream_certificate_invalid")
+    elif prepared is not None:
         request_id, body = prepared
     else:
         request_id = new_request_id()
