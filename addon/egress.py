@@ -5,7 +5,10 @@ Which CONNECTs are decrypted is mitmproxy's ``allow_hosts`` (built here from
 carries the client's own TLS handshake to the server untouched. ``allow_hosts``
 does not cover plain HTTP (DESIGN §4b), so this addon checks hosts itself, refuses
 ``egress.deny_hosts``, takes the gateway token from ``Proxy-Authorization`` (Basic,
-token as the password, or Bearer) and never lets a gateway token leave upstream.
+token as the password, or Bearer) and never lets a gateway token leave upstream: not to
+other hosts, and not with a provider host's non-model calls either (Claude Code's own
+``/api/claude_code/*``, event logging and ``/api/oauth/*`` on api.anthropic.com), which
+are refused in the client's format when they carry one and pass untouched otherwise.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from mitmproxy.proxy.mode_specs import RegularMode
 
 from . import tokens
 from .call import Call
+from .classify import classify_path
 from .policy import Settings
 from .refuse import refuse
 
@@ -49,11 +53,13 @@ def host_pattern(patterns: Iterable[str]) -> str | None:
 
 
 def intercept_pattern(settings: Settings) -> str:
-    """mitmproxy ``allow_hosts`` entry: ``egress.intercept_hosts`` plus every provider's
-    own host:port (so a provider on a non-standard port is decrypted, nothing more)."""
+    """mitmproxy ``allow_hosts`` entry: ``egress.intercept_hosts``, ``egress.chatgpt_hosts``
+    and every provider's own host:port (a provider on a non-standard port is decrypted,
+    nothing more)."""
     ups = [urlsplit(p.base_url) for p in settings.providers]
     own = [f"{u.hostname}:{u.port or (443 if u.scheme == 'https' else 80)}" for u in ups]
-    pattern = host_pattern([*settings.egress.intercept_hosts, *own])
+    pattern = host_pattern([*settings.egress.intercept_hosts, *settings.egress.chatgpt_hosts,
+                            *own])
     assert pattern is not None  # there is always at least one provider
     return pattern
 
@@ -105,10 +111,12 @@ class Egress:
     """Goes before classify: host checks and the proxy credential, proxy listener only."""
 
     def __init__(self, intercept: str | None, deny: str | None,
-                 provider_addrs: set[tuple[str, int]]) -> None:
+                 provider_addrs: set[tuple[str, int]],
+                 anthropic_addrs: frozenset[tuple[str, int]] = frozenset()) -> None:
         self.intercept = None if intercept is None else re.compile(intercept, re.IGNORECASE)
         self.deny = None if deny is None else re.compile(deny, re.IGNORECASE)
         self.provider_addrs = provider_addrs
+        self.anthropic_addrs = anthropic_addrs
         self._tokens: dict[str, str] = {}  # client connection id -> token from its CONNECT
 
     def _denied(self, host: str, port: int) -> bool:
@@ -147,9 +155,11 @@ class Egress:
         if token is not None:
             flow.metadata[PROXY_CREDENTIAL_KEY] = token
         host, port = flow.request.pretty_host, flow.request.port
-        if (host, port) in self.provider_addrs:
+        llm_host = (host, port) in self.provider_addrs
+        if llm_host and classify_path(flow.request.method, flow.request.path,
+                                      flow.request.headers.get("upgrade")) is not None:
             return  # an LLM call: classify and authenticate take it from here
-        if self._denied(host, port):
+        if not llm_host and self._denied(host, port):
             log.info("egress: request to %s:%d denied by egress.deny_hosts", host, port)
             flow.response = _text(403, f"{host}:{port} is blocked by this gateway's egress"
                                   " policy (egress.deny_hosts); ask your platform team")
@@ -158,7 +168,20 @@ class Egress:
             value = flow.request.headers.get(name, "")
             if tokens.find_tokens(value):
                 log.info("egress: refused a gateway token bound for %s:%d", host, port)
-                refuse(flow, None, 403, f"a gateway token was sent to {host}, which is not"
-                       " an LLM provider this gateway serves; it is never forwarded",
-                       type="invalid_request_error", code="token_not_forwarded")
+                self._refuse_token(flow, host, port, llm_host)
                 return
+
+    def _refuse_token(self, flow: http.HTTPFlow, host: str, port: int, llm_host: bool) -> None:
+        """403 in the client's format: Anthropic's for Claude Code's own calls (an Anthropic
+        provider host, or any request with ``anthropic-version``), OpenAI's otherwise."""
+        anthropic = ((host, port) in self.anthropic_addrs
+                     or "anthropic-version" in flow.request.headers)
+        what = (f"{flow.request.path.split('?', 1)[0]} on {host} is not a model call this"
+                " gateway meters" if llm_host else
+                f"{host} is not an LLM provider this gateway serves")
+        hint = (" (Claude Code: set CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1, or give the"
+                " token only in HTTPS_PROXY)" if anthropic else "")
+        refuse(flow, Call(api="anthropic.messages") if anthropic else None, 403,
+               f"a gateway token was sent with a request to {host}, and {what}; the token"
+               f" is never forwarded{hint}", type="invalid_request_error",
+               code="token_not_forwarded")

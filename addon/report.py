@@ -4,7 +4,9 @@ For people without Grafana access: one self-contained HTML file (inline CSS and 
 script, nothing fetched) with spend by team, model, user and day, and a CSV beside it
 (one row per org, team, user, model and provider) that sums to the same cents. Everything
 comes from the ledger, whose costs are exact (integer nano-USD), so the page's totals equal
-`agent-egress spend --period YYYY-MM`.
+`agent-egress spend --period YYYY-MM`. ChatGPT-login Codex calls metered in egress mode
+(billing ``subscription``: a developer's ChatGPT plan paid, the cost is the list-price
+equivalent) are in the totals and shown apart, so the gateway's own spend is readable.
 """
 
 from __future__ import annotations
@@ -65,7 +67,12 @@ class Report:
     by_model: list[Line] = field(default_factory=list)
     by_user: list[Line] = field(default_factory=list)
     by_day: list[Line] = field(default_factory=list)
+    by_billing: list[Line] = field(default_factory=list)
     detail: list[tuple[tuple[str, ...], Line]] = field(default_factory=list)
+
+    @property
+    def subscription(self) -> Line | None:
+        return next((x for x in self.by_billing if x.key == "subscription"), None)
 
 
 def month_bounds(month: str) -> tuple[datetime, datetime]:
@@ -98,7 +105,7 @@ def build(rows: list[LedgerRow], month: str) -> Report:
         total.add(r)
     detail: dict[tuple[str, ...], Line] = {}
     for r in rows:
-        k = (r.org, r.team, r.user, model_of(r), r.provider)
+        k = (r.org, r.team, r.user, model_of(r), r.provider, r.billing)
         detail.setdefault(k, Line("/".join(k))).add(r)
     return Report(
         month=month, since=since, until=until, total=total,
@@ -107,6 +114,7 @@ def build(rows: list[LedgerRow], month: str) -> Report:
         by_user=_group(rows, lambda r: f"{r.org}/{r.user}"),
         by_day=sorted(_group(rows, lambda r: r.ts.astimezone(UTC).strftime("%Y-%m-%d")),
                       key=lambda x: x.key),
+        by_billing=_group(rows, lambda r: r.billing),
         detail=sorted(detail.items()))
 
 
@@ -114,7 +122,7 @@ def build(rows: list[LedgerRow], month: str) -> Report:
 
 CSV_COLUMNS = ("month", "org", "team", "user", "model", "provider", "calls", "input_tokens",
                "cached_input_tokens", "output_tokens", "reasoning_tokens", "cost_usd",
-               "unpriced_calls", "estimated_calls")
+               "unpriced_calls", "estimated_calls", "billing")
 
 
 def render_csv(report: Report) -> str:
@@ -122,10 +130,10 @@ def render_csv(report: Report) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
-    for (org, team, user, model, provider), x in report.detail:
+    for (org, team, user, model, provider, billing), x in report.detail:
         w.writerow([report.month, org, team, user, model, provider, x.calls, x.input_tokens,
                     x.cached_input_tokens, x.output_tokens, x.reasoning_tokens,
-                    f"{x.cost_usd:f}", x.unpriced_calls, x.estimated_calls])
+                    f"{x.cost_usd:f}", x.unpriced_calls, x.estimated_calls, billing])
     return buf.getvalue()
 
 
@@ -219,6 +227,14 @@ def render_html(report: Report, csv_name: str | None = None) -> str:
                          f"{t.calls:,}"),
                         ("Teams", "team-count", "", f"{len(report.by_team)}"),
                         ("Users", "user-count", "", f"{len(report.by_user)}")))
+    sub = report.subscription
+    if sub is not None:
+        cards += (f'<div class="card">of which ChatGPT subscription<b id="subscription-usd"'
+                  f' data-usd="{sub.cost_usd:f}">{usd(sub.cost_usd)}</b></div>')
+    subscription = (f'<p class="muted">{sub.calls:,} ChatGPT-login Codex call'
+                    f'{"s" * (sub.calls != 1)} went through the egress proxy on developers\''
+                    " own ChatGPT plans: their cost is the list-price equivalent, included in"
+                    " the total and never charged to gateway budgets.</p>" if sub else "")
     n = t.unpriced_calls
     unpriced = (f'<p class="muted">{n} call{"s" * (n != 1)} had no price (model unknown to'
                 " the price list) and counted $0 here; see the unpriced column.</p>"
@@ -234,7 +250,7 @@ def render_html(report: Report, csv_name: str | None = None) -> str:
 {report.until:%Y-%m-%d} (exclusive), UTC; provider usage as the gateway saw it, priced
 per call. Generated {generated}.{csv_link}</p>
 <div class="cards">{cards}</div>
-{unpriced}
+{unpriced}{subscription}
 <h2>Spend per day</h2>
 {day_chart(report.by_day)}
 <div class="grid">

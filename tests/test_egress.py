@@ -18,7 +18,9 @@ from conftest import CODEX, PROVIDER_KEY, Gateway, make_gateway
 from fakeprovider import DEFAULT_ANSWER, FakeProvider
 from tlsfake import Pki, cert_sha256, make_pki
 
+from agent_egress.addon.cli_ca import check_ca_dir
 from agent_egress.addon.egress import host_pattern, proxy_credential
+from agent_egress.addon.policy import ConfigError
 
 
 # pure parts -------------------------------------------------------------------
@@ -206,3 +208,63 @@ def test_codex_through_https_proxy_is_metered_like_reverse_mode(
     assert len(rows) == 2
     assert {r["user"] for r in rows} == {"alice"} and {r["agent"] for r in rows} == {"codex"}
     assert all(r["input_tokens"] > 0 and r["cost_usd"] > 0 for r in rows)
+
+
+# shared CA for replicas (issue 9 item 5) ------------------------------------------------
+def _presented_ca_issuer(gw: Gateway, url: str, cafile: Path) -> bytes:
+    """The issuer of the certificate a gateway presents for an intercepted host, verified
+    against ``cafile`` only (so the request succeeds only if that CA signed it)."""
+    from cryptography import x509
+
+    token, _ = gw.issue_token()
+    with httpx.Client(proxy=f"http://dev:{token}@127.0.0.1:{gw.proxy_port}", timeout=10,
+                      verify=ssl.create_default_context(cafile=str(cafile)),
+                      trust_env=False) as c, c.stream("POST", url, json=BODY) as r:
+        der = r.extensions["network_stream"].get_extra_info("ssl_object").getpeercert(True)
+        assert r.status_code == 200
+    return x509.load_der_x509_certificate(der).issuer.public_bytes()
+
+
+def test_replicas_with_one_ca_dir_present_the_same_ca(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    shared = tmp_path / "shared-ca"  # stands in for a secret mounted in every replica
+    with FakeProvider(tls=pki.server) as llm:
+        gws = []
+        for i in range(2):
+            (tmp_path / f"replica{i}").mkdir()
+            gws.append(make_gateway(tmp_path / f"replica{i}", llm.base_url, egress={
+                "upstream_ca_file": str(pki.ca_cert), "ca_dir": str(shared)}))
+        ca = tmp_path / "ca.pem"
+        gws[0].cli("ca", "export", "--out", str(ca))  # creates the shared CA, once
+        assert (shared / "mitmproxy-ca.pem").stat().st_mode & 0o777 == 0o600
+        shared.chmod(0o500)  # read-only from here on, like a mounted secret
+        try:
+            assert gws[1].cli("ca", "export").stdout == ca.read_text()
+            for gw in gws:
+                gw.start()
+            issuers = [_presented_ca_issuer(gw, f"{llm.base_url}/responses", ca) for gw in gws]
+        finally:
+            for gw in gws:
+                if gw.proc is not None:
+                    gw.stop()
+            shared.chmod(0o700)
+        for gw in gws:  # neither replica made a CA of its own
+            assert not (gw.home / "mitmproxy" / "mitmproxy-ca.pem").exists()
+    assert issuers[0] == issuers[1]
+
+
+def test_a_shared_ca_dir_without_a_ca_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"mitmproxy-ca\.pem is missing.*ca export"):
+        check_ca_dir(tmp_path)
+
+
+def test_a_ca_key_others_can_read_stops_the_gateway(tmp_path: Path) -> None:
+    shared = tmp_path / "shared-ca"
+    gw = make_gateway(tmp_path, "https://127.0.0.1:9/v1", egress={"ca_dir": str(shared)})
+    gw.cli("ca", "export")
+    (shared / "mitmproxy-ca.pem").chmod(0o640)
+    res = gw.cli("run", check=False)
+    assert res.returncode != 0
+    assert "readable by group or others (mode 0640)" in res.stderr, res.stderr
+    # export refuses it too: the key is the one thing that must stay private
+    assert gw.cli("ca", "export", check=False).returncode != 0
