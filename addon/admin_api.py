@@ -14,10 +14,13 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import tokens
 from .identity import Actor, Identity, IdentityError, Unauthenticated
 from .store.base import AdminTokenRecord, Entity, KeyRecord, Role, SpendRow
+
+MAX_TTL_DAYS = 36_500  # 100 years; more overflows datetime (found by the schemathesis fuzz)
 
 
 class _Body(BaseModel):
@@ -37,7 +40,8 @@ class DisabledIn(_Body):
 
 
 class KeyIn(_Body):
-    ttl_days: float | None = Field(default=30, gt=0, description="null: never expires")
+    ttl_days: float | None = Field(default=30, gt=0, le=MAX_TTL_DAYS,
+                                   description="null: never expires")
     models: list[str] = Field(default_factory=list, description="model globs; empty: any")
     providers: list[str] = Field(default_factory=list)
     routes: list[str] = Field(default_factory=list, description="API globs, e.g. openai.*")
@@ -62,8 +66,26 @@ class AdminTokenIn(_Body):
     role: Role
     org_id: str | None = None
     team_id: str | None = None
-    ttl_days: float | None = Field(default=90, gt=0)
+    ttl_days: float | None = Field(default=90, gt=0, le=MAX_TTL_DAYS)
     description: str | None = Field(default=None, max_length=500)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: Literal["admin_error"]
+    code: str
+
+
+class ErrorOut(BaseModel):
+    error: ErrorDetail
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {  # every route may answer these (OpenAPI)
+    status: {"model": ErrorOut, "description": what} for status, what in (
+        (400, "malformed request (e.g. a body that is not JSON)"),
+        (401, "no valid admin token"), (403, "the token's role may not do this"),
+        (404, "no such object"), (409, "conflicts with an existing object"),
+        (422, "invalid request"))}
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -129,7 +151,7 @@ def install(app: FastAPI, identity: Identity,
         return found
 
     Who = Annotated[Actor, Depends(actor)]
-    r = APIRouter(prefix="/v1", tags=["admin"])
+    r = APIRouter(prefix="/v1", tags=["admin"], responses=ERRORS)
 
     @r.post("/orgs", status_code=201)
     def create_org(who: Who, body: NameIn) -> dict[str, Any]:
@@ -229,6 +251,13 @@ def install(app: FastAPI, identity: Identity,
     @app.exception_handler(IdentityError)
     async def identity_error(_: Request, exc: IdentityError) -> JSONResponse:
         return error_body(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own errors (a body that is not JSON: 400) in the same format as ours
+        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "http_error")
+        return error_body(exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Query
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .admin_api import ERRORS
 from .budget_policy import (
     NANO_PER_USD,
     BudgetSpec,
@@ -66,7 +67,7 @@ def install_limits(app: FastAPI, identity: Identity, actor: Callable[..., Actor]
                    config_book: LimitBook, status: StatusFn | None,
                    rebuild: Callable[[], str] | None = None) -> None:
     Who = Annotated[Actor, Depends(actor)]
-    r = APIRouter(prefix="/v1", tags=["budgets"])
+    r = APIRouter(prefix="/v1", tags=["budgets"], responses=ERRORS)
     store = identity.store
 
     def check(who: Actor, scope: str, *, write: bool, action: str) -> None:

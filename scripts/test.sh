@@ -36,8 +36,10 @@ fi
 
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[dev]"
+# Every dependency (runtime + dev) at the version and hash in the lock file; then the
+# project itself without resolving anything. Refresh the lock: see SECURITY.md.
+.venv/bin/python -m pip install -q --require-hashes -r requirements-dev.lock
+.venv/bin/python -m pip install -q --no-deps -e .
 
 # The Codex CLI, pinned (tools/codex/package.json), into a project-local prefix.
 CODEX_VERSION="$(.venv/bin/python -c 'import json;print(json.load(open("tools/codex/package.json"))["dependencies"]["@openai/codex"])')"
@@ -64,5 +66,32 @@ echo "== ruff"
 .venv/bin/ruff check addon exporters tests benchmarks
 echo "== mypy --strict (addon, exporters)"
 MYPYPATH=.typecheck .venv/bin/mypy -p agent_egress.addon -p agent_egress.exporters
+echo "== pip-audit (requirements-dev.lock)"
+# Advisories we cannot fix while mitmproxy 11 pins these versions (mitmproxy 12 needs
+# Python 3.12); why each does not reach us is in SECURITY.md. Any other advisory fails.
+PIP_AUDIT_IGNORED=(
+  GHSA-847f-9342-265h  # h2 4.1.0: CRLF in HTTP/2 headers -> smuggling on an h2->h1 hop
+  GHSA-6hr6-w5qg-qmwg  # h2 4.1.0: duplicate Host/:authority on an h2->h1 hop
+  GHSA-63cx-g855-hvv4  # mitmproxy 11.0.2: the same h2 advisory, as shipped by mitmproxy
+  GHSA-vqfr-h8mv-ghfj  # h11 0.14: lenient chunk trailers; mitmproxy does not use h11 to proxy
+)
+# pip-audit asks PyPI's JSON API (pypi.org/pypi/<name>/<version>/json). Where that is not
+# reachable (a mirror-only network) it could audit nothing: AGENT_EGRESS_PIP_AUDIT=auto
+# (default) then says so loudly and goes on; =require fails instead; =off skips it.
+PIP_AUDIT_MODE="${AGENT_EGRESS_PIP_AUDIT:-auto}"
+if [ "$PIP_AUDIT_MODE" != off ]; then
+  if [ "$PIP_AUDIT_MODE" = require ] || .venv/bin/python -c '
+import sys, urllib.request
+try:
+    urllib.request.urlopen("https://pypi.org/pypi/pip-audit/2.10.1/json", timeout=10)
+except Exception as e:
+    sys.exit(f"{e}")' 2>/dev/null; then
+    .venv/bin/pip-audit --strict --disable-pip --require-hashes -r requirements-dev.lock \
+      --progress-spinner off $(printf -- '--ignore-vuln %s ' "${PIP_AUDIT_IGNORED[@]}")
+  else
+    echo "!! pip-audit SKIPPED: PyPI's vulnerability API is not reachable from here;"
+    echo "!! set AGENT_EGRESS_PIP_AUDIT=require to make this a failure."
+  fi
+fi
 echo "== pytest"
 .venv/bin/pytest -q -p no:cacheprovider "$@"
