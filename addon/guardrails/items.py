@@ -22,6 +22,12 @@ _TOOL_OUTPUTS = frozenset({"function_call_output", "custom_tool_call_output",
 _TOOL_CALLS = {"function_call": "arguments", "custom_tool_call": "input"}
 
 
+def _kind(v: Any) -> str | None:
+    """A ``type`` tag; a client's list or dict there must not make the set lookups raise
+    (that would skip the scan)."""
+    return v if isinstance(v, str) else None
+
+
 class Segment(NamedTuple):
     path: Path
     text: str
@@ -38,7 +44,7 @@ def _content(base: Path, content: Any, direction: Direction, role: str,
             yield Segment(base, content, direction, role, item)
     elif isinstance(content, list):
         for j, part in enumerate(content):
-            if isinstance(part, dict) and part.get("type") in _TEXT_PARTS:
+            if isinstance(part, dict) and _kind(part.get("type")) in _TEXT_PARTS:
                 text = part.get("text")
                 if isinstance(text, str) and text:
                     yield Segment((*base, j, "text"), text, direction, role, item)
@@ -58,7 +64,7 @@ def responses_segments(obj: dict[str, Any]) -> Iterator[Segment]:
     for i, item in enumerate(items):
         if not isinstance(item, dict):
             continue
-        kind = item.get("type")
+        kind = _kind(item.get("type"))
         if kind in _TOOL_OUTPUTS:
             yield from _content(("input", i, "output"), item.get("output"), "tool_output",
                                 "tool", i)

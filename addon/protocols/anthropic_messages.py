@@ -24,6 +24,7 @@ from .summary import BadRequest, ResponseSummary
 from .usage import Usage
 from .values import loads_object as _loads
 from .values import nonempty_str as _str
+from .values import printable_id
 
 API = "anthropic.messages"
 SESSION_HEADER = "x-claude-code-session-id"
@@ -64,7 +65,7 @@ def _texts(content: Any) -> list[str]:
 def _tool_results(content: Any) -> list[str]:
     if not isinstance(content, list):
         return []
-    return [str(b.get("tool_use_id")) for b in content
+    return [printable_id(str(b.get("tool_use_id"))) or "" for b in content
             if isinstance(b, dict) and b.get("type") == "tool_result"]
 
 
@@ -103,12 +104,8 @@ def _session_from_metadata(obj: Mapping[str, Any]) -> str | None:
     user_id = meta.get("user_id") if isinstance(meta, dict) else None
     if not isinstance(user_id, str) or not user_id.startswith("{"):
         return None
-    try:
-        parsed = json.loads(user_id)
-    except ValueError:
-        return None
-    sid = parsed.get("session_id") if isinstance(parsed, dict) else None
-    return sid if isinstance(sid, str) and sid else None
+    parsed = _loads(user_id)  # a JSON string in the JSON: nested deep, it must not raise
+    return _str(parsed.get("session_id")) if parsed is not None else None
 
 
 def request_info(obj: Mapping[str, Any]) -> MessagesRequest:
@@ -137,9 +134,7 @@ def parse_request(body: bytes) -> MessagesRequest:
 def session_and_turn(get_header: Callable[[str], str | None],
                      info: MessagesRequest) -> tuple[str | None, str | None]:
     """Session: the X-Claude-Code-Session-Id header, else metadata's session_id."""
-    session = get_header(SESSION_HEADER) or info.session_id
-    turn = info.turn_id
-    return (session[:128] if session else None), (turn[:128] if turn else None)
+    return printable_id(get_header(SESSION_HEADER) or info.session_id), printable_id(info.turn_id)
 
 
 def usage_from_anthropic(u: Mapping[str, Any], prior: Usage | None = None) -> Usage:

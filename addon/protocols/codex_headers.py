@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
+
+from .values import loads_object, printable_id
 
 
 def session_and_turn(
@@ -16,10 +17,8 @@ def session_and_turn(
     turn: str | None = None
     meta = get_header("x-codex-turn-metadata")
     if meta:
-        try:
-            parsed = json.loads(meta)
-        except ValueError:
-            parsed = None
-        if isinstance(parsed, dict) and isinstance(parsed.get("turn_id"), str):
+        # a client-set header: invalid, non-object or too deeply nested reads as absent
+        parsed = loads_object(meta)
+        if parsed is not None and isinstance(parsed.get("turn_id"), str):
             turn = parsed["turn_id"]
-    return (session[:128] if session else None), (turn[:128] if turn else None)
+    return printable_id(session), printable_id(turn)

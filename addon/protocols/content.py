@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .sse import SSEScanner
+from .values import nonempty_str as _str
 
 Clean = Callable[[str, str, str], str]
 """(text, direction, role) -> redacted and capped text."""
@@ -55,7 +56,7 @@ def _text(value: Any) -> str:
         return value
     if isinstance(value, list):
         return "\n".join(p["text"] for p in value if isinstance(p, dict)
-                         and p.get("type") in _TEXT_PARTS and isinstance(p.get("text"), str))
+                         and _str(p.get("type")) in _TEXT_PARTS and isinstance(p.get("text"), str))
     return ""
 
 
@@ -74,7 +75,7 @@ def _new_from(items: list[Any], is_model: Callable[[Any], bool]) -> int:
 
 # --- OpenAI Responses ---------------------------------------------------------------
 def _responses_is_model(item: Any) -> bool:
-    return isinstance(item, dict) and (item.get("type") in _MODEL_ITEMS
+    return isinstance(item, dict) and (_str(item.get("type")) in _MODEL_ITEMS
                                        or item.get("role") == "assistant")
 
 
@@ -92,7 +93,7 @@ def responses_input(obj: dict[str, Any], clean: Clean) -> Content:
     for item in items[start:]:
         if not isinstance(item, dict):
             continue
-        kind = item.get("type")
+        kind = _str(item.get("type"))
         if kind in _TOOL_OUTPUTS:
             resp = clean(_text(item.get("output")), "tool_output", "tool")
             out.input.append({"role": "tool", "parts": [
@@ -180,24 +181,25 @@ def chat_output(raw: bytes, streamed: bool, clean: Clean) -> list[Message]:
     finish: str | None = None
     chunks = list(_sse_json(raw)) if streamed else [_json(raw)]
     for obj in chunks:
-        for choice in obj.get("choices") or ():
+        for choice in _list(obj.get("choices")):
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
-            finish = choice.get("finish_reason") or finish
+            finish = _str(choice.get("finish_reason")) or finish
             msg = choice.get("delta") if streamed else choice.get("message")
             if not isinstance(msg, dict):
                 continue
             if isinstance(msg.get("content"), str):
                 text.append(msg["content"])
-            for i, tc in enumerate(msg.get("tool_calls") or ()):
+            for i, tc in enumerate(_list(msg.get("tool_calls"))):
                 if not isinstance(tc, dict):
                     continue
-                slot = calls.setdefault(int(tc.get("index", i)), {"id": "", "name": "",
-                                                                  "arguments": ""})
+                index = tc.get("index", i)
+                slot = calls.setdefault(index if isinstance(index, int) else i,
+                                        {"id": "", "name": "", "arguments": ""})
                 fn = _dict(tc.get("function"))
-                slot["id"] = tc.get("id") or slot["id"]
-                slot["name"] = fn.get("name") or slot["name"]
-                slot["arguments"] += fn.get("arguments") or ""
+                slot["id"] = _str(tc.get("id")) or slot["id"]
+                slot["name"] = _str(fn.get("name")) or slot["name"]
+                slot["arguments"] += _str(fn.get("arguments")) or ""
     parts: list[dict[str, Any]] = []
     if text:
         parts.append({"type": "text", "content": clean("".join(text), "model_output",
@@ -244,23 +246,24 @@ def anthropic_output(raw: bytes, streamed: bool, clean: Clean) -> list[Message]:
         for obj in _sse_json(raw):
             kind = obj.get("type")
             idx = obj.get("index")
+            idx = idx if isinstance(idx, int) else 0
             if kind == "content_block_start" and isinstance(obj.get("content_block"), dict):
-                blocks[int(idx or 0)] = dict(obj["content_block"], _json="")
+                blocks[idx] = dict(obj["content_block"], _json="")
             elif kind == "content_block_delta" and isinstance(obj.get("delta"), dict):
-                b = blocks.setdefault(int(idx or 0), {"type": "text", "text": "", "_json": ""})
+                b = blocks.setdefault(idx, {"type": "text", "text": "", "_json": ""})
                 d = obj["delta"]
                 if d.get("type") == "text_delta":
-                    b["text"] = b.get("text", "") + str(d.get("text", ""))
+                    b["text"] = str(b.get("text", "")) + str(d.get("text", ""))
                 elif d.get("type") == "input_json_delta":
                     b["_json"] += str(d.get("partial_json", ""))
             elif kind == "message_delta" and isinstance(obj.get("delta"), dict):
-                stop = obj["delta"].get("stop_reason") or stop
+                stop = _str(obj["delta"].get("stop_reason")) or stop
     else:
         obj = _json(raw)
         content = obj.get("content")
         blocks = {i: b for i, b in enumerate(content if isinstance(content, list) else ())
                   if isinstance(b, dict)}
-        stop = obj.get("stop_reason")
+        stop = _str(obj.get("stop_reason"))
     parts: list[dict[str, Any]] = []
     for _, b in sorted(blocks.items()):
         if b.get("type") == "text":

@@ -60,13 +60,13 @@ def request_info(obj: Mapping[str, Any]) -> RequestInfo:
     return RequestInfo(
         model=model,
         stream=obj.get("stream") is True,
-        prompt_cache_key=key if isinstance(key, str) and key else None,
+        prompt_cache_key=_str(key),
         input_items=len(messages),
         client_session_id=None,
         tool_output_ids=tuple(
             m["tool_call_id"] for m in messages
             if isinstance(m, dict) and m.get("role") == "tool"
-            and isinstance(m.get("tool_call_id"), str)
+            and _str(m.get("tool_call_id"))
         ),
     )
 

@@ -19,6 +19,7 @@ from .usage import Usage
 from .values import loads_object as _loads
 from .values import nonempty_str as _str
 from .values import positive_int as _int
+from .values import utf8
 
 _CREATED = b"response.created"
 _ITEM_DONE = b"response.output_item.done"
@@ -32,7 +33,7 @@ WANTED_EVENTS = frozenset({_CREATED, _ITEM_DONE, _COMPLETED, _INCOMPLETE, _FAILE
 
 # Tool-call item types whose (call_id, name) we report. ``custom_tool_call`` is
 # what Codex's freeform tools (apply_patch) come back as.
-_CALL_TYPES = frozenset({"function_call", "custom_tool_call"})
+_CALL_TYPES = ("function_call", "custom_tool_call")  # a tuple: an unhashable `type` must not raise
 _CALL_MARKERS = (b'"function_call"', b'"custom_tool_call"')
 
 # For events without an ``event:`` line: a quoted type string can only occur in
@@ -74,9 +75,10 @@ def require_model(obj: Mapping[str, Any]) -> str:
         raise BadRequest(
             "Missing required parameter: 'model'.", "model", "missing_required_parameter"
         )
-    if not isinstance(model, str) or not model:
+    if not isinstance(model, str) or not model or not utf8(model) or not model.isprintable():
         raise BadRequest(
-            "Invalid 'model': expected a non-empty string.", "model", "invalid_value"
+            "Invalid 'model': expected a non-empty string of printable characters.", "model",
+            "invalid_value"
         )
     return model
 
@@ -100,7 +102,7 @@ def request_info(obj: Mapping[str, Any]) -> RequestInfo:
         outputs = tuple(
             item["call_id"] for item in items
             if isinstance(item, dict) and item.get("type") in _OUTPUT_TYPES
-            and isinstance(item.get("call_id"), str)
+            and _str(item.get("call_id"))
         )
     else:
         raise BadRequest("Invalid 'input': expected a string or an array.", "input", "invalid_type")
@@ -177,7 +179,7 @@ class ResponsesStreamReader:
         obj = _loads(data)
         if obj is None:
             return
-        kind = obj.get("type")
+        kind = _str(obj.get("type"))  # a list or dict here must not reach `in _FINAL`
         s = self.summary
         if kind == "response.created":
             resp = obj.get("response")

@@ -33,6 +33,10 @@ def _dict(v: Any) -> dict[str, Any]:
     return v if isinstance(v, dict) else {}
 
 
+def _list(v: Any) -> list[Any]:
+    return v if isinstance(v, list) else []
+
+
 # --- request -----------------------------------------------------------------------
 def _text(content: Any) -> str:
     if isinstance(content, str):
@@ -130,7 +134,7 @@ def chat_request(obj: Mapping[str, Any], model: str) -> dict[str, Any]:
     """A Responses request body as a Chat Completions request body for ``model``."""
     body: dict[str, Any] = {"model": model,
                             "messages": chat_messages(obj.get("input"), obj.get("instructions"))}
-    tools = [t for t in (_tool(x) for x in obj.get("tools") or [] if isinstance(x, dict)) if t]
+    tools = [t for t in (_tool(x) for x in _list(obj.get("tools")) if isinstance(x, dict)) if t]
     if tools:
         body["tools"] = tools
         choice = obj.get("tool_choice")
@@ -183,7 +187,7 @@ def _call_item(item_id: str, call_id: str, name: str, args: str, custom: bool,
                 "arguments": args, "status": status}
     try:
         parsed = json.loads(args) if args else {}
-    except ValueError:
+    except (ValueError, RecursionError):
         parsed = None
     raw = parsed.get("input") if isinstance(parsed, dict) else None
     return {"type": "custom_tool_call", "id": item_id, "call_id": call_id, "name": name,
@@ -218,7 +222,7 @@ def response_body(chat: Mapping[str, Any], custom_tools: frozenset[str] = frozen
         msg = _dict(choice.get("message"))
         if isinstance(msg.get("content"), str) and msg["content"]:
             output.append(_message_item(f"msg_{cid}", msg["content"]))
-        for i, tc in enumerate(msg.get("tool_calls") or []):
+        for i, tc in enumerate(_list(msg.get("tool_calls"))):
             fn = _dict(_dict(tc).get("function"))
             name, args = fn.get("name"), fn.get("arguments")
             if isinstance(name, str):
@@ -319,7 +323,7 @@ class ChatToResponsesStream:
                 text = delta.get("content")
                 if isinstance(text, str) and text:
                     self._text(text, out)
-                for tc in delta.get("tool_calls") or []:
+                for tc in _list(delta.get("tool_calls")):
                     if isinstance(tc, dict):
                         self._tool_delta(tc, out)
             if isinstance(choice.get("finish_reason"), str):

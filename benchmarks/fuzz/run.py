@@ -76,6 +76,22 @@ SEEDS: dict[str, list[bytes]] = {
 }
 
 
+_TOKENS = [
+    "type", "model", "input", "messages", "content", "text", "role", "call_id", "name",
+    "arguments", "output", "tools", "tool_calls", "tool_call_id", "tool_use_id", "function",
+    "index", "choices", "delta", "message", "usage", "id", "finish_reason", "error", "item",
+    "item_id", "output_index", "content_block", "stop_reason", "status", "partial_json",
+    "part", "system", "metadata", "user_id", "session_id", "turn_id", "input_tokens",
+    "output_tokens", "prompt_tokens", "completion_tokens", "cache_read_input_tokens",
+    "function_call", "custom_tool_call", "function_call_output", "tool_use", "tool_result",
+    "text_delta", "input_json_delta", "response.completed", "response.output_text.delta",
+    "response.output_item.done", "message_start", "message_delta", "content_block_delta"]
+DICT = [f'"\\"{t}\\""' for t in _TOKENS] + [
+    '":1"', '":[]"', '":{}"', '":null"', '":\\"\\""', '"[["', '"event: "', '"data: "',
+    '"\\x0a\\x0a"', '"\\x0d\\x0a"', '"[DONE]"', '"-----BEGIN "', '"AKIA"']
+"""libFuzzer dictionary: JSON keys and SSE framing, so mutations make real shapes."""
+
+
 def child(name: str, seconds: int, workdir: Path) -> None:
     """Run one harness under atheris in this process (libFuzzer owns the loop)."""
     import atheris
@@ -88,7 +104,10 @@ def child(name: str, seconds: int, workdir: Path) -> None:
     corpus.mkdir(parents=True, exist_ok=True)
     for i, seed in enumerate(SEEDS[name]):
         (corpus / f"seed-{i}").write_bytes(seed)
+    tokens = workdir / "tokens.dict"
+    tokens.write_text("\n".join(DICT) + "\n")
     atheris.Setup([sys.argv[0], str(corpus), f"-max_total_time={seconds}", "-max_len=65536",
+                   f"-dict={tokens}",
                    "-rss_limit_mb=2048", "-timeout=10", "-print_final_stats=1",
                    f"-artifact_prefix={workdir / name}/"], target)
     atheris.Fuzz()
