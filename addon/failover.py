@@ -148,9 +148,12 @@ class Sticky:
         return hit[0]
 
     def set(self, session: str, provider: str) -> None:
-        self._map[session] = (provider, time.monotonic())
+        now = time.monotonic()
+        self._map[session] = (provider, now)
         self._map.move_to_end(session)
-        while len(self._map) > self.max_sessions:
+        # oldest first (set always moves to the end): drop the expired, then the overflow
+        while self._map and (len(self._map) > self.max_sessions
+                             or now - next(iter(self._map.values()))[1] > self.ttl):
             self._map.popitem(last=False)
 
 
@@ -383,7 +386,7 @@ class FailoverTap:
               and flow.response.status_code == 200):
             try:
                 chat = json.loads(flow.response.content or b"")
-            except ValueError:
+            except (ValueError, RecursionError):  # provider JSON nested beyond the parser
                 return
             if isinstance(chat, dict):
                 flow.response.content = json.dumps(

@@ -86,13 +86,8 @@ def test_unhashable_type_tag_does_not_skip_the_scan(bad: Any) -> None:
 
 
 # --- output guards -------------------------------------------------------------------
-# Crashes found in stream.py / anthropic_stream.py (not this helper's files; reported
-# with a patch). The repro tests below are strict xfails: they fail loudly once fixed, so
-# whoever fixes them drops the marks; the property tests tolerate only these classes.
-_OPEN = ("stream.py/anthropic_stream.py: provider JSON of the wrong type or nesting "
-         "raises inside the stream callable (issue 12 fuzz report)")
-KNOWN = pytest.mark.xfail(raises=(TypeError, AttributeError, RecursionError), strict=False,
-                          reason=_OPEN)
+# Provider JSON of the wrong type or nesting once raised inside the stream callable
+# (stream.py / anthropic_stream.py, found by these tests and atheris): regressions.
 STREAM_CRASHES = {
     "chat_tool_calls_int": ("openai.chat", b'data: {"choices":[{"index":0,"delta":'
                                            b'{"tool_calls":1}}]}\n\n'),
@@ -119,18 +114,16 @@ BODY_CRASHES = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason=_OPEN)
 @pytest.mark.parametrize("case", sorted(STREAM_CRASHES))
-def test_known_stream_guard_crashes(case: str) -> None:
+def test_wrong_typed_stream_json_does_not_crash_the_guard(case: str) -> None:
     api, raw = STREAM_CRASHES[case]
     guard = guards()[APIS.index(api)]
     guard.feed(raw)
     guard.close()
 
 
-@pytest.mark.xfail(strict=True, reason=_OPEN)
 @pytest.mark.parametrize("case", sorted(BODY_CRASHES))
-def test_known_guard_body_crashes(case: str) -> None:
+def test_wrong_typed_body_json_does_not_crash_the_guard(case: str) -> None:
     api, body = BODY_CRASHES[case]
     assert guard_body(api, body, scan)[0] is None
 def _run(guard: Any, chunks: list[bytes]) -> bytes:
@@ -138,7 +131,6 @@ def _run(guard: Any, chunks: list[bytes]) -> bytes:
     return out
 
 
-@KNOWN
 @FUZZ
 @given(sse_streams(), _cuts)
 def test_output_guards_survive_any_stream_any_chunking(raw: bytes, cuts: list[int]) -> None:
@@ -200,7 +192,6 @@ def test_guard_buffer_stays_under_the_event_cap() -> None:
         guard.close()
 
 
-@KNOWN
 @FUZZ
 @given(_bodies)
 def test_guard_body_never_raises(body: bytes) -> None:

@@ -124,3 +124,12 @@ def test_tail_is_only_the_unfinished_event() -> None:
     sc = SSEScanner()
     sc.feed(b"data: 1\n\n" * 100 + b"data: par")
     assert bytes(sc._buf) == b"data: par"
+
+
+def test_bom_split_across_the_first_chunks_is_stripped() -> None:
+    """A BOM cut after its first byte(s) must not cost the first event (fuzz finding)."""
+    for cut in (1, 2):
+        scanner = SSEScanner()
+        raw = b"\xef\xbb\xbfdata: x\n\n"
+        events = scanner.feed(raw[:cut]) + scanner.feed(raw[cut:])
+        assert [data for _name, data in events] == [b"x"]

@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from ..protocols.values import loads_object
 from .findings import Finding, redact
 from .stream import Scan, SSEGuard, TextGuard
 
@@ -43,11 +44,8 @@ class AnthropicOutputGuard(SSEGuard):
                         b"message_stop", None):
             out.append(_sse(name, data))
             return
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            obj = None
-        if not isinstance(obj, dict):
+        obj = loads_object(data)
+        if obj is None:
             out.append(_sse(name, data))
             return
         kind = obj.get("type")
@@ -111,7 +109,8 @@ def guard_message(obj: dict[str, Any], scan: Scan) -> tuple[bool, list[Finding]]
                 changed |= new != text
                 holder[field] = new
 
-    for block in obj.get("content") or ():
+    content = obj.get("content")
+    for block in content if isinstance(content, list) else ():
         if not isinstance(block, dict):
             continue
         if block.get("type") == "text":

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..protocols.sse import SSEScanner
+from ..protocols.values import loads_object
 from .findings import Finding, redact, worst
 
 Scan = Callable[[str], list[Finding]]
@@ -222,11 +223,8 @@ class OutputGuard(SSEGuard):
         if kind is not None and kind not in _WATCHED:
             out.append(self._sse_bytes(name, data))
             return
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            obj = None
-        if not isinstance(obj, dict):
+        obj = loads_object(data)
+        if obj is None:
             out.append(self._sse_bytes(name, data))
             return
         kind = str(obj.get("type") or kind or "")
@@ -331,12 +329,9 @@ class OutputGuard(SSEGuard):
             if self._chat_flush_all(None, out):
                 out.append(self._sse_bytes(name, data))
             return
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            obj = None
-        choices = obj.get("choices") if isinstance(obj, dict) else None
-        if not isinstance(obj, dict) or not isinstance(choices, list):
+        obj = loads_object(data)
+        choices = obj.get("choices") if obj is not None else None
+        if obj is None or not isinstance(choices, list):
             out.append(self._sse_bytes(name, data))
             return
         if not choices:  # the usage chunk: every channel has ended
@@ -346,7 +341,7 @@ class OutputGuard(SSEGuard):
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
-            idx = choice.get("index", 0)
+            idx = _hashable(choice.get("index", 0))
             delta = choice.get("delta")
             if isinstance(delta, dict):
                 if isinstance(delta.get("content"), str):
@@ -355,10 +350,10 @@ class OutputGuard(SSEGuard):
                         out.append(self._block_event())
                         return
                     delta["content"] = text
-                for call in delta.get("tool_calls") or ():
+                for call in _list(delta.get("tool_calls")):
                     fn = call.get("function") if isinstance(call, dict) else None
                     if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-                        g = self._guard(("t", idx, call.get("index", 0)))
+                        g = self._guard(("t", idx, _hashable(call.get("index", 0))))
                         text, findings = g.push(fn["arguments"])
                         if self._note(findings):
                             out.append(self._block_event())
@@ -381,8 +376,11 @@ class OutputGuard(SSEGuard):
             if key[0] == "c":
                 delta["content"] = (delta.get("content") or "") + text
             else:
-                calls = delta.setdefault("tool_calls", [])
-                call = next((c for c in calls if c.get("index", 0) == key[2]), None)
+                calls = delta.get("tool_calls")
+                if not isinstance(calls, list):
+                    calls = delta["tool_calls"] = []
+                call = next((c for c in calls if isinstance(c, dict)
+                             and c.get("index", 0) == key[2]), None)
                 if call is None:
                     calls.append({"index": key[2], "function": {"arguments": text}})
                 else:
@@ -409,19 +407,25 @@ class OutputGuard(SSEGuard):
         return True
 
 
+def _list(v: Any) -> list[Any]:
+    return v if isinstance(v, list) else []
+
+
+def _hashable(v: Any) -> Any:
+    """A client-visible id used as a dict key: a list or object there must not raise."""
+    return v if v is None or isinstance(v, str | int | float) else repr(v)
+
+
 def _key(kind: str, obj: dict[str, Any]) -> tuple[Any, ...]:
     channel = _TEXT_DELTA if kind in (_TEXT_DELTA, _TEXT_DONE) else _ARGS_DELTA
-    return (channel, obj.get("item_id"), obj.get("output_index"),
-            obj.get("content_index") if channel == _TEXT_DELTA else None)
+    return (channel, _hashable(obj.get("item_id")), _hashable(obj.get("output_index")),
+            _hashable(obj.get("content_index")) if channel == _TEXT_DELTA else None)
 
 
 def guard_body(api: str, body: bytes, scan: Scan) -> tuple[bytes | None, list[Finding]]:
     """A non-streamed response: (rewritten body or None if unchanged, findings)."""
-    try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None, []
-    if not isinstance(obj, dict):
+    obj = loads_object(body)
+    if obj is None:
         return None, []
     if api == "anthropic.messages":  # anthropic (issue 13)
         from .anthropic_stream import guard_message
@@ -443,20 +447,20 @@ def guard_body(api: str, body: bytes, scan: Scan) -> tuple[bytes | None, list[Fi
                     changed = True
 
     if api == "openai.chat":
-        for choice in obj.get("choices") or ():
+        for choice in _list(obj.get("choices")):
             msg = choice.get("message") if isinstance(choice, dict) else None
             if isinstance(msg, dict):
                 fix(msg, "content")
-                for call in msg.get("tool_calls") or ():
+                for call in _list(msg.get("tool_calls")):
                     if isinstance(call, dict) and isinstance(call.get("function"), dict):
                         fix(call["function"], "arguments")
     else:
-        for item in obj.get("output") or ():
+        for item in _list(obj.get("output")):
             if not isinstance(item, dict):
                 continue
             fix(item, "arguments")
             fix(item, "input")
-            for part in item.get("content") or ():
+            for part in _list(item.get("content")):
                 if isinstance(part, dict):
                     fix(part, "text")
     return (_DUMPS(obj).encode() if changed else None), found

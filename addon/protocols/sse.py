@@ -34,6 +34,7 @@ class SSEScanner:
     __slots__ = (
         "_buf",
         "_cr",
+        "_head",
         "_skipping",
         "_started",
         "events",
@@ -55,12 +56,17 @@ class SSEScanner:
         self._cr = False  # chunk ended in "\r": it may pair with a "\n" in the next one
         self._skipping = False  # inside an oversized event: discard up to its blank line
         self._started = False
+        self._head = b""  # first bytes held back while they may be a split BOM
 
     def feed(self, chunk: bytes) -> list[Event]:
         """Consume one network chunk; return the events it completed."""
         if not chunk:
             return []
         if not self._started:
+            chunk, self._head = self._head + chunk, b""
+            if len(chunk) < len(_BOM) and _BOM.startswith(chunk):
+                self._head = chunk  # maybe a BOM split across chunks: wait for more
+                return []
             self._started = True
             if chunk.startswith(_BOM):
                 chunk = chunk[3:]
