@@ -7,12 +7,37 @@ text and does not retry (402/403 are retried five times first: DESIGN §4).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from mitmproxy import http
 
+from .budget_policy import Refusal
 from .budgets import Budgets
 from .call import METADATA_KEY, Call
 from .overhead import timed_async
+from .protocols.responses_ws import WS_API
 from .refuse import refuse
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """How a budget/rate-limit refusal is told to the client (status, OpenAI error)."""
+
+    status: int
+    message: str
+    type: str
+    code: str
+    retry_after: int | None = None
+    final: bool = False
+
+
+def reply_for(refusal: Refusal) -> Reply:
+    if refusal.kind == "budget":
+        return Reply(400, refusal.message + "; ask your admin to raise it", "budget_exceeded",
+                     refusal.code, final=True)
+    if refusal.kind == "rate":
+        return Reply(429, refusal.message, "rate_limit_error", refusal.code, refusal.retry_after)
+    return Reply(503, refusal.message, "server_error", refusal.code, refusal.retry_after)
 
 
 class Admit:
@@ -22,17 +47,12 @@ class Admit:
     @timed_async
     async def request(self, flow: http.HTTPFlow) -> None:
         call: Call | None = flow.metadata.get(METADATA_KEY)
-        if call is None or flow.response is not None or call.principal is None:
+        if (call is None or flow.response is not None or call.principal is None
+                or call.api == WS_API):  # WebSocket: each message is admitted (websocket.py)
             return
         refusal = await self.budgets.admit(call)
         if refusal is None:
             return
-        if refusal.kind == "budget":
-            refuse(flow, call, 400, refusal.message + "; ask your admin to raise it",
-                   type="budget_exceeded", code=refusal.code, final=True)
-        elif refusal.kind == "rate":
-            refuse(flow, call, 429, refusal.message, type="rate_limit_error",
-                   code=refusal.code, retry_after=refusal.retry_after)
-        else:
-            refuse(flow, call, 503, refusal.message, type="server_error", code=refusal.code,
-                   retry_after=refusal.retry_after)
+        r = reply_for(refusal)
+        refuse(flow, call, r.status, r.message, type=r.type, code=r.code,
+               retry_after=r.retry_after, final=r.final)

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from mitmproxy import http
 
 from . import egress, tokens
+from .abuse import FINGERPRINT_KEY
 from .call import METADATA_KEY, Call
 from .keycache import KeyCache
 from .overhead import timed_async
@@ -43,16 +44,22 @@ class Authenticate:
             self._refuse(flow, call, "no gateway token: send Authorization: Bearer <your"
                          " agent-egress token> (ask your platform team for one)", "token_missing")
             return
-        if not tokens.is_well_formed(token):
+        if not tokens.is_well_formed(token) and not token.startswith(tokens.TOKEN_PREFIX):
+            flow.metadata[FINGERPRINT_KEY] = "not-a-gateway-token"
             self._refuse(flow, call, "the credential sent is not an agent-egress gateway token"
                          f" (they start with {tokens.TOKEN_PREFIX}); check the environment"
                          " variable your agent's env_key names", "token_malformed")
             return
+        # security (issue 12): a bad checksum and an unknown token get the same answer (no
+        # oracle for a guesser); the audit record (addon/abuse.py) keeps which it was.
         digest = tokens.hash_token(token, self.hash_key)
-        record = await self.keys.lookup(digest)
+        well_formed = tokens.is_well_formed(token)
+        flow.metadata[FINGERPRINT_KEY] = "hmac:" + digest[:12] if well_formed else "bad-checksum"
+        record = await self.keys.lookup(digest) if well_formed else None
         if record is None:
             self._refuse(flow, call, "this gateway token is not known to the gateway; ask"
                          " your platform team for a new one", "token_unknown")
+            call.refused = "token_unknown" if well_formed else "token_malformed"
             return
         state = record.state(datetime.now(UTC))
         if state == "disabled":

@@ -15,7 +15,9 @@ from mitmproxy import http
 from .call import METADATA_KEY, Call
 from .identity import matches_any
 from .overhead import timed
+from .protocols.responses_ws import WS_API
 from .refuse import refuse
+from .store.base import KeyRecord
 
 TAG_HEADER = "x-egress-tag-"
 MAX_REQUEST_TAGS = 8
@@ -45,6 +47,27 @@ def request_tags(headers: http.Headers) -> dict[str, str]:
     return tags
 
 
+def scope_refusal(key: KeyRecord, model: str | None, api: str) -> tuple[str, str] | None:
+    """(message, code) if the key's model or API scope excludes this call, else None.
+
+    ``model`` None skips the model check (a WebSocket upgrade names no model: each
+    of its messages is checked). The WebSocket transport is the Responses API, so a
+    key scoped to ``openai.responses`` may use it.
+    """
+    apis = (api, "openai.responses") if api == WS_API else (api,)
+    checks = [("APIs", api, key.allowed_routes, "route_not_allowed",
+               any(matches_any(a, key.allowed_routes) for a in apis))]
+    if model is not None:
+        checks.insert(0, ("models", model, key.allowed_models, "model_not_allowed",
+                          matches_any(model, key.allowed_models)))
+    for what, value, allowed, code, ok in checks:
+        if not ok:
+            return (f"gateway token {key.id} may use {what} {', '.join(allowed)}; this request"
+                    f" asked for {value!r}. Ask your platform team to widen the key's scope.",
+                    code)
+    return None
+
+
 class Authorize:
     """Model and API scopes. The provider scope is route's: it knows the candidates."""
 
@@ -54,17 +77,11 @@ class Authorize:
         if call is None or flow.response is not None or call.principal is None:
             return
         key = call.principal
-        model = call.requested_model or ""
-        for what, value, allowed, code in (
-            ("models", model, key.allowed_models, "model_not_allowed"),
-            ("APIs", call.api, key.allowed_routes, "route_not_allowed"),
-        ):
-            if not matches_any(value, allowed):
-                refuse(flow, call, 403, f"gateway token {key.id} may use {what}"
-                       f" {', '.join(allowed)}; this request asked for {value!r}. Ask your"
-                       " platform team to widen the key's scope.",
-                       type="permission_denied", code=code)
-                return
+        denied = scope_refusal(key, None if call.api == WS_API else call.requested_model or "",
+                               call.api)
+        if denied is not None:
+            refuse(flow, call, 403, denied[0], type="permission_denied", code=denied[1])
+            return
         try:
             tags = request_tags(flow.request.headers)
         except BadTag as e:

@@ -15,13 +15,16 @@ from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 from .budget_policy import Admission
+from .protocols.chatgpt_login import ChatGPTIdentity
 from .protocols.summary import ResponseSummary
 from .store.base import KeyRecord, LedgerRow
 
 METADATA_KEY = "agent_egress.call"
 
 Api = Literal["openai.responses", "openai.responses.compact", "openai.chat",
-              "anthropic.messages"]  # anthropic (issue 13)
+              "anthropic.messages",  # anthropic (issue 13)
+              "chatgpt.codex",  # ChatGPT-login Codex, metered in egress mode (issue 9)
+              "openai.responses.ws"]  # Codex over WebSocket (issue 9): addon/websocket.py
 
 
 class StreamReader(Protocol):
@@ -103,3 +106,9 @@ class Call:
     captured_output: bytearray | None = None
     """The response as sent to the client, bounded, when content capture is on for the
     caller (addon/capture.py); None otherwise."""
+    # ChatGPT-login Codex (issue 9) -------------------------------------------------
+    billing: Literal["gateway", "subscription"] = "gateway"
+    """subscription: the developer's own ChatGPT plan paid for the call (metered, never
+    charged to gateway budgets); gateway: a vaulted provider key did."""
+    chatgpt: ChatGPTIdentity | None = None
+    """The ChatGPT account and JWT identity claims of a subscription call."""

@@ -14,6 +14,7 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 
 from .call import METADATA_KEY, Api, Call
 from .overhead import timed
+from .protocols.responses_ws import WS_API
 from .refuse import refuse
 
 log = logging.getLogger("agent_egress.classify")
@@ -36,17 +37,28 @@ def agent_of(originator: str | None, user_agent: str | None) -> str:
     return "other"
 
 
-def classify_path(method: str, path: str) -> Api | None:
-    """Map METHOD + path (with or without the /v1 prefix, any query) to an API."""
+def classify_path(method: str, path: str, upgrade: str | None = None) -> Api | None:
+    """Map METHOD + path (with or without the /v1 prefix, any query) to an API.
+
+    ``upgrade``: the Upgrade header; ``GET /responses`` upgraded to a WebSocket is
+    Codex's Responses-over-WebSocket transport (addon/websocket.py).
+    """
     path = path.split("?", 1)[0].rstrip("/")
     if path.startswith("/v1/"):
         path = path[3:]
+    if (upgrade or "").lower() == "websocket" and method.upper() == "GET" and path == "/responses":
+        return WS_API
     return _ROUTES.get((method.upper(), path))
 
 
 class Classify:
-    def __init__(self, provider_addrs: set[tuple[str, int]], max_body_bytes: int) -> None:
+    def __init__(self, provider_addrs: set[tuple[str, int]], max_body_bytes: int,
+                 anthropic_addrs: frozenset[tuple[str, int]] = frozenset()) -> None:
         self.provider_addrs = provider_addrs
+        self.anthropic_addrs = anthropic_addrs
+        """Egress mode (issue 13 item 6): Claude Code's own non-model calls to an Anthropic
+        host (/api/claude_code/*, event logging, /api/oauth/*) pass through there; the
+        egress addon has already refused any that carry a gateway token."""
         self.max_body_bytes = max_body_bytes
         self.draining = False
 
@@ -55,7 +67,11 @@ class Classify:
         reverse = isinstance(flow.client_conn.proxy_mode, ReverseMode)
         if not reverse and (flow.request.pretty_host, flow.request.port) not in self.provider_addrs:
             return  # not an LLM host: passthrough, untouched
-        api = classify_path(flow.request.method, flow.request.path)
+        api = classify_path(flow.request.method, flow.request.path,
+                            flow.request.headers.get("upgrade"))
+        if api is None and not reverse and (
+                flow.request.pretty_host, flow.request.port) in self.anthropic_addrs:
+            return  # egress mode (issue 13): a non-model Anthropic call, passed untouched
         if api is None:
             refuse(
                 flow,
@@ -71,6 +87,11 @@ class Classify:
         call = Call(api=api, agent=agent_of(flow.request.headers.get("originator"),
                                             flow.request.headers.get("user-agent")))
         flow.metadata[METADATA_KEY] = call
+        if reverse and flow.request.authority:  # absolute-form: the client names a host
+            refuse(flow, call, 400, "the reverse listener takes origin-form requests only"
+                   " (POST /v1/...): the upstream comes from the gateway's config",
+                   type="invalid_request_error", code="absolute_form", close=True)
+            return
         if self.draining:
             refuse(
                 flow,

@@ -373,11 +373,11 @@ def render_spend(rows: list[SpendRow], by: str, fmt: str) -> str:
 
 
 def spend_group(value: str) -> str:
-    if value in ("team", "user", "model", "org", "key", "provider", "agent") or (
+    if value in ("team", "user", "model", "org", "key", "provider", "agent", "billing") or (
             value.startswith("tag:") and len(value) > 4):
         return value
     raise argparse.ArgumentTypeError(
-        f"{value!r}: one of org, team, user, key, model, provider, agent, tag:<name>")
+        f"{value!r}: one of org, team, user, key, model, provider, agent, billing, tag:<name>")
 
 
 def parse_period(value: str) -> tuple[datetime, datetime]:
@@ -535,7 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     spend = sub.add_parser("spend", help="spend report from the ledger")
     spend.add_argument("--by", type=spend_group, default="team",
-                       help="org, team, user, key, model, provider, agent or tag:<name>")
+                       help="org, team, user, key, model, provider, agent, billing (gateway"
+                       " vs ChatGPT subscription-equivalent) or tag:<name>")
     spend.add_argument("--period", type=parse_period,
                        help="a calendar month (2026-11), day (2026-11-25) or year, UTC")
     spend.add_argument("--since", type=parse_when, help="inclusive, UTC unless an offset is given")

@@ -32,7 +32,8 @@ from agent_egress.exporters.otel import DropCounter, SessionTracer, build_tracer
 from agent_egress.exporters.prometheus import Metrics
 from agent_egress.exporters.session_redis import SharedSessions
 
-from . import admin_api, mitm_internals
+from . import admin_api, mitm_internals, state_dir
+from .abuse import Abuse
 from .admin import AdminServer, build_app
 from .admin_limits import install_limits
 from .admit import Admit
@@ -42,7 +43,9 @@ from .budget_cutoff import BudgetCutoff
 from .budgets import Budgets
 from .call import METADATA_KEY
 from .capture import ContentCapture
+from .chatgpt_login import SUBSCRIPTION_PROVIDER, ChatGPTLogin
 from .classify import Classify
+from .cli_ca import confdir_for, prepare_ca
 from .egress import Egress, host_pattern, intercept_pattern
 from .failover import FailoverErrors, FailoverState, FailoverTap
 from .guard_input import GuardInput
@@ -53,13 +56,14 @@ from .hashkeys import load_hash_keys
 from .identity import Identity
 from .keycache import KeyCache
 from .keyring import Keyring
-from .ledger import LedgerWriter
+from .ledger import LedgerGate, LedgerWriter
 from .limiter.factory import open_limiter
 from .logs import install_redaction
 from .policy import ConfigError, Settings
 from .pricing import price_call
 from .protocols.usage import Usage
 from .route import Route, Upstream
+from .scrub import ScrubErrors
 from .settle import Settle
 from .store.base import Store
 from .store.revocations import RevocationBus
@@ -67,8 +71,10 @@ from .store.sql import open_store
 from .stream_tap import StreamTap
 from .telemetry import Telemetry
 from .vault.spec import open_vault
+from .websocket import WebSocket
 
 log = logging.getLogger("agent_egress.gateway")
+SUBSCRIPTION = {SUBSCRIPTION_PROVIDER.name: SUBSCRIPTION_PROVIDER}  # ChatGPT-login (issue 9)
 
 
 def _split(hostport: str) -> tuple[str, int]:
@@ -143,6 +149,8 @@ class Gateway:
             checks["store"] = {"ok": True}
         except Exception as e:
             checks["store"] = {"ok": False, "error": type(e).__name__}
+        if self.writer.storage_error is not None:  # faults (issue 12): calls are refused
+            checks["ledger"] = {"ok": False, "error": self.writer.storage_error}
         provider = self.settings.provider()
         has_key = self.keyring.get(provider.key) is not None
         checks["provider_key"] = {"ok": has_key, "provider": provider.name, "key": provider.key}
@@ -264,7 +272,7 @@ def _mitm_options(settings: Settings) -> dict[str, Any]:
         "mode": modes,
         "connection_strategy": "lazy",
         "http2": False,
-        "confdir": str(settings.home / "mitmproxy"),
+        "confdir": str(confdir_for(settings)),  # egress.ca_dir: one CA for all replicas
         "allow_hosts": [intercept_pattern(settings)],
         **extra,
     }
@@ -272,7 +280,8 @@ def _mitm_options(settings: Settings) -> dict[str, Any]:
 
 async def start(settings: Settings) -> Gateway:
     """Open the store and vault, build the chain and bring every listener up."""
-    settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    state_dir.ensure_private(settings.home)  # security (issue 12): refuse a loose home
+    await asyncio.to_thread(prepare_ca, settings)  # issue 9: CA present, key private
     mitm_internals.install()
     store = await asyncio.to_thread(open_store, settings.db_url)
     # genai-prices loads its table on first use (~4 ms): do it here, off the loop.
@@ -307,7 +316,10 @@ async def start(settings: Settings) -> Gateway:
     failover = FailoverState(settings.failover, providers, metrics,  # failover (issue 8)
                              redis_url=settings.redis_url, redis_prefix=settings.redis_prefix)
     failover.breakers.start()
-    classify = Classify({(u.host, u.port) for u in upstreams}, settings.limits.max_body_bytes)
+    anthropic_addrs = frozenset((u.host, u.port) for u, p in zip(  # issue 13 item 6
+        upstreams, settings.providers, strict=True) if p.kind == "anthropic")
+    classify = Classify({(u.host, u.port) for u in upstreams}, settings.limits.max_body_bytes,
+                        anthropic_addrs)
     budgets = Budgets(settings, store, open_limiter(settings, store, metrics), metrics, audit)
     await budgets.refresh()
     inflight = Inflight(metrics)
@@ -327,22 +339,31 @@ async def start(settings: Settings) -> Gateway:
         recorder, gcfg.holdback_chars, gcfg.inline_scan_bytes)
     chain = [
         Egress(intercept_pattern(settings), host_pattern(settings.egress.deny_hosts),
-               classify.provider_addrs),  # egress proxy mode (issue 9): before classify
+               classify.provider_addrs, anthropic_addrs),  # egress mode (issue 9): first
         classify,
         inflight,
         Authenticate(keys, hash_keys.token),
+        Abuse(settings.abuse, audit),  # security (issue 12): bad tokens slowed, then 429
         guard_input,
         Authorize(),
+        LedgerGate(writer),  # faults (issue 12): fail closed while the ledger disk is full
         Admit(budgets),
         Route(providers, settings.provider().name, settings.routes, keyring, failover),
+        ChatGPTLogin(host_pattern(settings.egress.chatgpt_hosts),  # issue 9: after route
+                     settings.egress.chatgpt_login, settings.egress.chatgpt_login_overrides,
+                     keys, hash_keys.token),
         StreamTap(),
         FailoverTap(failover, Route.key_for),  # after the tap: wraps it to translate
-        Settle(providers, writer, metrics, exemplars=tracer is not None, audit=audit,
+        Settle({**SUBSCRIPTION, **providers}, writer, metrics, exemplars=tracer is not None,
+               audit=audit,
                budgets=budgets),
         FailoverErrors(failover, Route.key_for),  # after settle: its own 502 message wins
         GuardOutput(recorder),  # guardrails: after the failover tap and settle (see module)
         BudgetCutoff(settings.budgets.cut_off_streams),  # outermost: meters what is sent
     ]
+    websocket = WebSocket(providers, settings.limits.max_body_bytes,  # Codex over WebSocket
+                          next(a for a in chain if isinstance(a, Settle)), guard_input, budgets)
+    chain.append(websocket)  # (issue 9): each message is a call; telemetry set below
     telemetry = None
     if tracer is not None:  # telemetry (issue 7): content capture and shared session state
         tcfg = settings.telemetry.traces
@@ -352,8 +373,11 @@ async def start(settings: Settings) -> Gateway:
             await asyncio.to_thread(capture.warm)
         shared = (None if settings.redis_url is None else SharedSessions(
             settings.redis_url, settings.redis_prefix, ttl_s=tcfg.session_ttl_seconds))
-        telemetry = Telemetry(tracer, providers, capture=capture, shared=shared)
+        telemetry = Telemetry(tracer, {**SUBSCRIPTION, **providers}, capture=capture,
+                              shared=shared)
         chain.append(telemetry)
+        websocket.telemetry = telemetry
+    chain.append(ScrubErrors(keyring))  # security (issue 12): last, sees the final response
     opts = options.Options()
     master = Master(opts, with_termlog=False)
     master.addons.add(*proxy_addons())

@@ -29,10 +29,13 @@ from .guardrails.findings import Finding, redact
 from .overhead import timed_async
 from .protocols import anthropic_messages, openai_chat, openai_responses
 from .protocols.codex_headers import session_and_turn
+from .protocols.responses_ws import WS_API
 from .protocols.summary import BadRequest
 from .refuse import refuse
 
 _WHERE = {"input": "input", "tool_output": "tool output", "model_output": "model output"}
+Block = tuple[str, str, str, bool]
+"""(rule, direction, message, record the hit): a guardrail refusal, before it is sent."""
 
 
 def scan_segments(engine: Engine, todo: Sequence[tuple[str, items.Segment]]
@@ -58,6 +61,11 @@ class GuardInput:
     async def request(self, flow: http.HTTPFlow) -> None:
         call: Call | None = flow.metadata.get(METADATA_KEY)
         if call is None or flow.response is not None:
+            return
+        if call.api == WS_API:  # a WebSocket upgrade has no body: each message is guarded
+            call.session_id, call.turn_id = session_and_turn(  # in addon/websocket.py
+                flow.request.headers.get, None, None)
+            call.traceparent = flow.request.headers.get("traceparent")
             return
         body = flow.request.raw_content or b""
         call.request_bytes = len(body)
@@ -102,6 +110,20 @@ class GuardInput:
 
     async def _guard(self, flow: http.HTTPFlow, call: Call, obj: dict[str, Any],
                      n_bytes: int) -> None:
+        blocked, changed = await self.check(flow, call, obj, n_bytes)
+        if blocked is not None:
+            self._refuse(flow, call, *blocked)
+            return
+        if changed:
+            flow.request.content = json.dumps(obj, ensure_ascii=False,
+                                              separators=(",", ":")).encode()
+
+    async def check(self, flow: http.HTTPFlow, call: Call, obj: dict[str, Any],
+                    n_bytes: int) -> tuple[Block | None, bool]:
+        """The caller's policy over a parsed request: (the block, if any; whether ``obj``
+        was rewritten). The flow only gives hits their peer address, so the WebSocket
+        transport runs this per message. Unblocked, sets ``call.output_guard`` when the
+        policy checks model output. Needs ``guardrails`` and ``call.principal``."""
         p = call.principal
         assert p is not None and self.guardrails is not None
         engine = self.guardrails.engine_for(p.org, p.team, p.id)
@@ -109,25 +131,23 @@ class GuardInput:
         verdict = limits.check(engine.policy.limits, obj, call.requested_model or "", n_bytes,
                                call.api)
         if verdict.rule is not None:
-            self._refuse(flow, call, verdict.rule, "input", verdict.message)
-            return
+            return (verdict.rule, "input", verdict.message, True), False
         if verdict.clamp:
             obj.update(verdict.clamp)
             changed = True
         segs = [s for s in items.segments(obj, call.api) if engine.policy.scans(s.direction)]
         if segs:
-            changed |= await self._scan(flow, call, engine, obj, segs)
-            if flow.response is not None:
-                return
-        if changed:
-            flow.request.content = json.dumps(obj, ensure_ascii=False,
-                                              separators=(",", ":")).encode()
+            blocked, rewritten = await self._scan(flow, call, engine, obj, segs)
+            if blocked is not None:
+                return blocked, False
+            changed |= rewritten
         if engine.policy.scans("model_output") and self.recorder is not None:
             call.output_guard = OutputWrapper(call, engine, self.holdback, self.recorder)
+        return None, changed
 
     async def _scan(self, flow: http.HTTPFlow, call: Call, engine: Engine,
-                    obj: dict[str, Any], segs: list[items.Segment]) -> bool:
-        """Scan what is new, apply every verdict; True if the body was rewritten."""
+                    obj: dict[str, Any], segs: list[items.Segment]) -> tuple[Block | None, bool]:
+        """Scan what is new, apply every verdict: (the block, if any; body rewritten)."""
         session = call.session_id or call.request_id
         keys = [item_key(engine.fingerprint, session, s.direction, s.role, s.text)
                 for s in segs]
@@ -161,11 +181,11 @@ class GuardInput:
             seg, f = blocking
             where = _WHERE[seg.direction]
             what = f"{where} (item {seg.item})" if seg.item >= 0 else where
-            self._refuse(flow, call, f.rule, seg.direction,
-                         f"guardrail rule {f.rule} blocked this request: the {what} contains"
-                         " something it does not allow. Remove it and retry (if it is in an"
-                         " earlier message, start a new session)", record=False)
-        return changed
+            return (f.rule, seg.direction,
+                    f"guardrail rule {f.rule} blocked this request: the {what} contains"
+                    " something it does not allow. Remove it and retry (if it is in an"
+                    " earlier message, start a new session)", False), changed
+        return None, changed
 
     def _record(self, flow: http.HTTPFlow, call: Call,
                 found: list[tuple[items.Segment, Verdict]]) -> None:

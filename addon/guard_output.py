@@ -113,11 +113,11 @@ class OutputWrapper:
             if guard.blocked is not None:
                 done = True
                 out = mitm_internals.close_upstream(flow, out)
-                self._record(flow)
+                self.record(flow)
                 self.recorder.stream_blocked()
             elif not chunk:
                 done = True
-                self._record(flow)
+                self.record(flow)
             call.overhead_s += time.perf_counter() - started
             if chunk and not out:
                 return []  # b"" here would end a chunked body early
@@ -125,7 +125,8 @@ class OutputWrapper:
 
         return on_chunk
 
-    def _record(self, flow: Any) -> None:
+    def record(self, flow: Any) -> None:
+        """Record this call's output-guard hits (metrics, audit, span events)."""
         self.recorder.hits(flow, self.call, "model_output",
                            [(r, a, n) for (r, a), n in self.guard.hits.items()])
 

@@ -166,6 +166,15 @@ class Provider(_Strict):
     api_version: str | None = None
     """azure_openai: `api-version` query (classic API); None for Azure's /openai/v1 API."""
     timeouts: ProviderTimeouts = Field(default_factory=lambda: ProviderTimeouts())
+    websockets: bool | None = None
+    """Takes Codex's Responses-over-WebSocket transport (GET /responses upgrade; routed
+    once per connection). Default: kind openai and not chat_only."""
+
+    @property
+    def takes_websockets(self) -> bool:
+        if self.websockets is not None:
+            return self.websockets and self.kind != "anthropic" and not self.chat_only
+        return self.kind == "openai" and not self.chat_only
 
     @field_validator("base_url")
     @classmethod
@@ -205,6 +214,21 @@ class Shutdown(_Strict):
     """How long SIGTERM waits for in-flight streams before closing them."""
 
 
+class AbuseSettings(_Strict):
+    """Bad gateway tokens from one client address (security, issue 12; addon/abuse.py)."""
+
+    window_seconds: float = Field(default=60.0, gt=0, le=86400)
+    free_failures: int = Field(default=10, ge=1)
+    """Failures in the window answered at once (Codex alone retries a 401 five times)."""
+    delay_seconds: float = Field(default=0.25, ge=0, le=60)
+    """Delay added to the first failure past ``free_failures``; doubles with each one."""
+    max_delay_seconds: float = Field(default=4.0, ge=0, le=60)
+    block_failures: int = Field(default=30, ge=1)
+    """From this many failures in the window on, a failure is answered 429 + Retry-After."""
+    max_clients: int = Field(default=10_000, ge=1)
+    """Client addresses remembered (least recently failing forgotten first)."""
+
+
 class Traces(_Strict):
     exporter: Literal["otlp-http", "otlp-grpc", "none"] | None = None
     """None: on when OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT or OTEL_TRACES_EXPORTER is set."""
@@ -242,6 +266,22 @@ class Egress(_Strict):
     upstream_ca_file: Path | None = None
     """CA bundle (PEM) that replaces the default one for verifying upstream TLS (mitmproxy
     ssl_verify_upstream_trusted_ca), e.g. a corporate CA; the tests trust a self-signed fake."""
+    # ChatGPT-login Codex (issue 9 item 4)
+    chatgpt_hosts: list[str] = Field(default_factory=lambda: ["chatgpt.com"])
+    """Hosts whose /backend-api/codex/responses calls are ChatGPT-login Codex model calls."""
+    chatgpt_login: Literal["meter", "refuse", "passthrough"] = "refuse"
+    """refuse: Codex shows a message pointing at the gateway; meter: pass through with the
+    developer's own credential and record tokens + equivalent USD as `subscription`;
+    passthrough: untouched. Bootstrap calls (accounts check, models) always pass."""
+    chatgpt_login_overrides: dict[str, Literal["meter", "refuse", "passthrough"]] = Field(
+        default_factory=dict)
+    """Per org (``acme``) or team (``acme/payments``, wins over its org), for callers whose
+    proxy credential is a gateway token; others get `chatgpt_login`."""
+    # shared CA for replicas (issue 9 item 5)
+    ca_dir: Path | None = None
+    """Directory holding mitmproxy-ca.pem (key + certificate), e.g. a mounted secret shared
+    by every replica; default <home>/mitmproxy. The key file must not be group/world
+    readable. Env AGENT_EGRESS_CA_DIR."""
 
 
 class Settings(_Strict):
@@ -272,6 +312,7 @@ class Settings(_Strict):
     failover: FailoverSettings = Field(default_factory=FailoverSettings)
     limits: Limits = Field(default_factory=Limits)
     shutdown: Shutdown = Field(default_factory=Shutdown)
+    abuse: AbuseSettings = Field(default_factory=AbuseSettings)  # security (issue 12)
     telemetry: Telemetry = Field(default_factory=Telemetry)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # --- budgets and rate limits (issue 5) ---
@@ -320,6 +361,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "AGENT_EGRESS_DATABASE_URL": ("database_url",),
     "AGENT_EGRESS_REDIS_URL": ("redis_url",),
     "AGENT_EGRESS_LOG_LEVEL": ("log_level",),
+    "AGENT_EGRESS_CA_DIR": ("egress", "ca_dir"),  # egress proxy mode (issue 9)
 }
 
 

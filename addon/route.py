@@ -34,6 +34,7 @@ from .overhead import timed_async
 from .policy import Provider, RouteRule
 from .protocols import openai_chat
 from .protocols.responses_to_chat import ChatToResponsesStream, chat_request, custom_tool_names
+from .protocols.responses_ws import WS_API
 from .refuse import refuse
 
 _DROP_HEADERS = ("openai-organization", "openai-project", "proxy-authorization")
@@ -101,6 +102,8 @@ def serves(p: Provider, api: str) -> bool:
     """Chat-only providers cannot take remote compaction (no Chat equivalent)."""
     if not same_family(p, api):  # anthropic (issue 13)
         return False  # an Anthropic provider speaks only Messages, and only it does
+    if api == WS_API:  # Codex over WebSocket: only providers configured to take it
+        return p.takes_websockets
     return not (p.chat_only and api == "openai.responses.compact")
 
 
@@ -213,7 +216,7 @@ class Route:
         req = flow.request
         model = p.model_for(call.requested_model or "")
         translate = p.chat_only and call.api == "openai.responses"
-        if translate or model != call.requested_model:
+        if call.api != WS_API and (translate or model != call.requested_model):
             try:
                 obj: Any = json.loads(req.content or b"")
             except ValueError:

@@ -80,22 +80,7 @@ class Settle:
         if call is None:
             return
         if call.refused is not None:
-            self.metrics.refusals.labels(call.refused).inc()
-            call.settled = True
-            if self.budgets is not None:
-                self.budgets.finish(call, None)  # refused after admit: give the reservation back
-            if self.audit is not None:
-                peer = flow.client_conn.peername
-                self.audit.submit(AuditEvent(
-                    action="request.refused",
-                    actor=call.principal.id if call.principal else "anonymous",
-                    outcome="refused",
-                    target=call.requested_model,
-                    source=f"{peer[0]}:{peer[1]}" if peer else None,
-                    request_id=call.request_id,
-                    detail={"rule": call.refused, "status": call.status_code,
-                            "api": call.api, "agent": call.agent},
-                ))
+            self.refused(call, flow.client_conn.peername)
             return
         if call.summary is None and call.reader is None and flow.response is not None:
             body = flow.response.raw_content or b""
@@ -110,6 +95,31 @@ class Settle:
         self._settle(call)
         if self.budgets is not None:
             self.budgets.finish(call, call.row)  # no-op when settled with a row above
+
+    def refused(self, call: Call, peer: tuple[str, int] | None) -> None:
+        """A call the gateway refused: metric, reservation back, audit event."""
+        self.metrics.refusals.labels(call.refused or "unknown").inc()
+        call.settled = True
+        if self.budgets is not None:
+            self.budgets.finish(call, None)  # refused after admit: give the reservation back
+        if self.audit is not None:
+            self.audit.submit(AuditEvent(
+                action="request.refused",
+                actor=call.principal.id if call.principal else "anonymous",
+                outcome="refused",
+                target=call.requested_model,
+                source=f"{peer[0]}:{peer[1]}" if peer else None,
+                request_id=call.request_id,
+                detail={"rule": call.refused, "status": call.status_code,
+                        "api": call.api, "agent": call.agent},
+            ))
+
+    def settle_call(self, call: Call) -> None:
+        """Settle a call with no flow of its own (a WebSocket message): ledger row,
+        metrics, budget settlement; exactly once."""
+        self._settle(call)
+        if self.budgets is not None:
+            self.budgets.finish(call, call.row)
 
     def error(self, flow: http.HTTPFlow) -> None:
         call: Call | None = flow.metadata.get(METADATA_KEY)
@@ -180,6 +190,7 @@ class Settle:
             outcome=outcome,
             tags=call.tags or None,
             agent=call.agent,
+            billing=call.billing,  # ChatGPT-login Codex (issue 9): subscription
             error_code=(summary.error_code if summary is not None else None)
             or (outcome if outcome != "ok" else None),
         )
@@ -206,7 +217,8 @@ class Settle:
         m.calls.labels(row.org, row.team, row.provider, label_model, row.api, call.agent,
                        row.outcome).inc()
         m.overhead.labels(row.api).observe(call.overhead_s)
-        if row.cost_usd:
+        if row.cost_usd and row.billing == "gateway":  # budget burn alerts read this counter:
+            # a subscription row's USD is an equivalent nobody paid the gateway (issue 9)
             m.cost.labels(row.org, row.team, row.provider, label_model, call.agent).inc(
                 float(row.cost_usd), exemplar=ex)
         for kind, n in (("input", usage.input_tokens - usage.cached_input_tokens),

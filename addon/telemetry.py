@@ -131,14 +131,20 @@ class Telemetry:
 
     def _record(self, flow: http.HTTPFlow) -> None:
         call: Call | None = flow.metadata.get(METADATA_KEY)
-        if call is None or call.traced or call.row is None or call.provider is None:
+        if call is not None:
+            self.record(call, flow)
+
+    def record(self, call: Call, flow: http.HTTPFlow | None = None) -> None:
+        """Queue a settled call for tracing, once. Without a flow (a WebSocket message,
+        addon/websocket.py) there is no content to capture."""
+        if call.traced or call.row is None or call.provider is None:
             return
         call.traced = True
         trace = call_trace(call, self.providers[call.provider])
         if trace is None:
             return
         job = _Job(trace)
-        if call.captured_output is not None:
+        if call.captured_output is not None and flow is not None:
             job.request_body = flow.request.get_content(strict=False) or b""
             resp = flow.response
             job.streamed = resp is not None and callable(resp.stream)

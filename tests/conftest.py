@@ -76,7 +76,7 @@ class Gateway:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen([AGENT_EGRESS, "run"], env=self.env, stdout=log,
                                      stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60  # start-up is ~3 s; a loaded CI box is slower
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"gateway exited {self.proc.returncode}:\n{self.logs()}")
@@ -88,7 +88,7 @@ class Gateway:
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
-        raise AssertionError(f"gateway not ready in 30 s:\n{self.logs()}")
+        raise AssertionError(f"gateway not ready in 60 s:\n{self.logs()}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         assert self.proc is not None
@@ -127,7 +127,7 @@ class Gateway:
 
 def make_gateway(tmp_path: Path, provider_url: str, **config: Any) -> Gateway:
     home = tmp_path / "egress-home"
-    home.mkdir()
+    home.mkdir(mode=0o700)  # the gateway refuses a state directory others can read
     gw = Gateway(home=home, env={}, reverse_port=free_port(), proxy_port=free_port(),
                  admin_port=free_port())
     cfg: dict[str, Any] = {

@@ -129,6 +129,9 @@ class LedgerRow:
     tags: Mapping[str, str] | None = None
     agent: str | None = None
     """codex, claude-code or other (from the user agent): finance splits spend by it."""
+    billing: str = "gateway"
+    """gateway (a vaulted key paid) or subscription (a developer's ChatGPT plan did; the
+    cost is the equivalent USD, never counted against budgets). Migration 0005."""
 
 
 @dataclass(frozen=True, slots=True)

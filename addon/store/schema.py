@@ -133,6 +133,7 @@ ledger = Table(
     Column("error_code", String(64), nullable=True),
     Column("tags", JSON, nullable=True),
     Column("agent", String(32), nullable=True),
+    Column("billing", String(16), nullable=False, server_default="gateway"),  # 0005
     Index("ix_ledger_ts", "ts"),
     Index("ix_ledger_team_ts", "team", "ts"),
     Index("ix_ledger_session", "session_id"),

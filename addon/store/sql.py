@@ -68,6 +68,7 @@ _GROUP_COLUMNS = {
     "provider": ledger.c.provider,
     "session": ledger.c.session_id,
     "agent": ledger.c.agent,
+    "billing": ledger.c.billing,  # gateway | subscription (ChatGPT-login Codex, issue 9)
     "model": func.coalesce(ledger.c.served_model, ledger.c.requested_model),
 }
 

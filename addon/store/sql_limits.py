@@ -62,6 +62,8 @@ class SQLLimitsMixin:
                 for name, cols in scopes:
                     stmt = select(*cols, func.coalesce(func.sum(ledger.c.cost_nano_usd), 0),
                                   func.coalesce(func.sum(_TOKENS), 0)).group_by(*cols)
+                    # a developer's ChatGPT plan paid for subscription rows (issue 9)
+                    stmt = stmt.where(ledger.c.billing != "subscription")
                     if win.start is not None:
                         stmt = stmt.where(ledger.c.ts >= win.start)
                     for r in conn.execute(stmt):
