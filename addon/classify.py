@@ -12,7 +12,9 @@ import logging
 from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
+from . import mitm_internals
 from .call import METADATA_KEY, Api, Call
+from .mitm_internals import REQUEST_TOO_LARGE
 from .overhead import timed
 from .protocols.responses_ws import WS_API
 from .refuse import refuse
@@ -105,13 +107,20 @@ class Classify:
             return
         length = flow.request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            refuse(
-                flow,
-                call,
-                413,
-                f"request body of {int(length)} bytes is over the gateway's limit of"
-                f" {self.max_body_bytes} bytes (limits.max_body_bytes)",
-                type="invalid_request_error",
-                code="body_too_large",
-                close=True,
-            )
+            self._too_large(flow, call, f"request body of {int(length)} bytes")
+
+    def _too_large(self, flow: http.HTTPFlow, call: Call, what: str) -> None:
+        refuse(flow, call, 413, f"{what} is over the gateway's limit of"
+               f" {self.max_body_bytes} bytes (limits.max_body_bytes)",
+               type="invalid_request_error", code="body_too_large", close=True)
+
+    @timed
+    def error(self, flow: http.HTTPFlow) -> None:
+        """A body cut off as it arrived (mitm_internals.cap_request_bodies): mitmproxy now
+        writes its error page; hand it our refusal so the client sees its own format."""
+        call: Call | None = flow.metadata.get(METADATA_KEY)
+        if call is None or flow.error is None or flow.error.msg != REQUEST_TOO_LARGE:
+            return
+        if call.refused is None:  # chunked: no length to refuse on in requestheaders
+            self._too_large(flow, call, "a request body of more than that")
+        mitm_internals.pending_response.set(flow.response)

@@ -320,6 +320,8 @@ async def start(settings: Settings) -> Gateway:
         upstreams, settings.providers, strict=True) if p.kind == "anthropic")
     classify = Classify({(u.host, u.port) for u in upstreams}, settings.limits.max_body_bytes,
                         anthropic_addrs)
+    # security (issue 12): a body over the cap is cut off as it arrives, never buffered whole
+    mitm_internals.cap_request_bodies(settings.limits.max_body_bytes, classify.provider_addrs)
     budgets = Budgets(settings, store, open_limiter(settings, store, metrics), metrics, audit)
     await budgets.refresh()
     inflight = Inflight(metrics)

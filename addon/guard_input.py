@@ -148,10 +148,13 @@ class GuardInput:
     async def _scan(self, flow: http.HTTPFlow, call: Call, engine: Engine,
                     obj: dict[str, Any], segs: list[items.Segment]) -> tuple[Block | None, bool]:
         """Scan what is new, apply every verdict: (the block, if any; body rewritten)."""
+        # No session id: a key with this request's id can never hit again, so caching it
+        # would only evict useful entries (found by a tracemalloc soak).
+        cacheable = call.session_id is not None
         session = call.session_id or call.request_id
-        keys = [item_key(engine.fingerprint, session, s.direction, s.role, s.text)
-                for s in segs]
-        known = await self.cache.get_many(set(keys))
+        keys = [item_key(engine.fingerprint, session, s.direction, s.role, s.text,
+                         memo=cacheable) for s in segs]
+        known = await self.cache.get_many(set(keys)) if cacheable else {}
         todo = list({k: s for k, s in zip(keys, segs, strict=True) if k not in known}.items())
         new: dict[str, Verdict] = {}
         if todo:
@@ -160,7 +163,8 @@ class GuardInput:
                 new = scan_segments(engine, todo)
             else:
                 new = await asyncio.to_thread(scan_segments, engine, todo)
-            await self.cache.put_many(new)
+            if cacheable:
+                await self.cache.put_many(new)
         verdicts = {**known, **new}
         # Hits are recorded when an item is first seen in the session, not on every resend.
         self._record(flow, call, [(s, new[k]) for k, s in todo if new[k]])

@@ -11,12 +11,17 @@ by our hook carries the request id and client-format body into the page.
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Generator
 from typing import Any
 
-from mitmproxy import ctx, http, version
+from mitmproxy import ctx, flow, http, version
 from mitmproxy.connection import ConnectionState, Server
 from mitmproxy.net.http import http1
-from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.net.http.http1 import expected_http_body_size
+from mitmproxy.proxy.layers.http import HttpStream, SendHttp, _http1
+from mitmproxy.proxy.layers.http._events import ResponseProtocolError
+from mitmproxy.proxy.layers.http._hooks import HttpErrorHook, HttpRequestHeadersHook
+from mitmproxy.proxy.mode_specs import ReverseMode
 
 from .call import new_request_id
 from .protocols.errors import universal_error_body
@@ -24,11 +29,20 @@ from .protocols.errors import universal_error_body
 pending_error: contextvars.ContextVar[tuple[str, bytes] | None] = contextvars.ContextVar(
     "agent_egress_pending_error", default=None
 )
+pending_response: contextvars.ContextVar[http.Response | None] = contextvars.ContextVar(
+    "agent_egress_pending_response", default=None
+)
+"""A whole refusal (status, headers, body) our ``error`` hook made for mitmproxy's page."""
 
 
 def json_error_response(status_code: int, message: str = "") -> bytes:
     prepared = pending_error.get()
     pending_error.set(None)
+    refusal = pending_response.get()
+    if refusal is not None:
+        pending_response.set(None)
+        refusal.headers["connection"] = "close"  # mitmproxy closes after its error page
+        return bytes(http1.assemble_response(refusal))
     if "certificate verify failed" in message.lower():
         # Our hooks only know the upstream failed: say why, since only config fixes it.
         request_id = prepared[0] if prepared is not None else new_request_id()
@@ -61,8 +75,59 @@ def json_error_response(status_code: int, message: str = "") -> bytes:
 
 
 def install() -> None:
-    """Idempotently swap mitmproxy's HTML error page for a JSON one."""
+    """Idempotently swap mitmproxy's HTML error page for a JSON one, and cap bodies."""
     _http1.make_error_response = json_error_response
+    if HttpStream.check_body_size is not _check_body_size:
+        global _original_check_body_size
+        _original_check_body_size = HttpStream.check_body_size
+        HttpStream.check_body_size = _check_body_size  # type: ignore[method-assign]
+
+
+# --- security (issue 12): a request body over the cap is refused, not buffered ----------
+# mitmproxy reads (and buffers) a request body in full before it sends a response an
+# addon set in ``requestheaders``, so a client could make the gateway hold any amount
+# of memory before authenticating. Its own ``body_size_limit`` option cuts a body off
+# as it arrives but applies to every flow and to responses too, which would break
+# large passthrough downloads in egress mode. This applies the same cut to request
+# bodies of flows the gateway owns: the reverse listener and configured provider hosts.
+REQUEST_TOO_LARGE = "Request body exceeds the gateway's limits.max_body_bytes."
+_request_cap: int | None = None
+_owned_hosts: frozenset[tuple[str, int]] = frozenset()
+_original_check_body_size: Any = None
+
+
+def cap_request_bodies(max_bytes: int, provider_addrs: set[tuple[str, int]]) -> None:
+    """Refuse request bodies over ``max_bytes`` as they arrive (gateway start)."""
+    global _request_cap, _owned_hosts
+    _request_cap, _owned_hosts = max_bytes, frozenset(provider_addrs)
+
+
+def _owned(stream: HttpStream) -> bool:
+    request = stream.flow.request
+    return (isinstance(stream.context.client.proxy_mode, ReverseMode)
+            or (request.pretty_host, request.port) in _owned_hosts)
+
+
+def _check_body_size(self: HttpStream, request: bool) -> Generator[Any, Any, bool]:
+    cap = _request_cap
+    if request and cap is not None and _owned(self):
+        buffered = len(self.request_body_buf)
+        try:
+            size = buffered or expected_http_body_size(self.flow.request, None)
+        except ValueError:
+            size = None  # a malformed length: mitmproxy's own checks refuse it
+        if size is not None and size > cap:
+            if not buffered:
+                yield HttpRequestHeadersHook(self.flow)  # classify builds our refusal
+            self.flow.error = flow.Error(REQUEST_TOO_LARGE)
+            yield HttpErrorHook(self.flow)
+            yield SendHttp(ResponseProtocolError(self.stream_id, REQUEST_TOO_LARGE, 413),
+                           self.context.client)
+            self.client_state = self.state_errored
+            self.flow.live = False
+            return True
+    result: bool = yield from _original_check_body_size(self, request)
+    return result
 
 
 def installed() -> bool:

@@ -125,6 +125,9 @@ class Settle:
         call: Call | None = flow.metadata.get(METADATA_KEY)
         if call is None or call.settled:
             return
+        if call.refused is not None:  # refused while mitmproxy failed the flow (body cap)
+            self.refused(call, flow.client_conn.peername)
+            return
         # keep a cause the gateway recorded itself (budget cut-off, failover) over
         # mitmproxy's generic message for the connection it then closed
         call.error = call.error or (flow.error.msg if flow.error else "unknown error")

@@ -215,8 +215,6 @@ def test_body_over_the_cap_with_content_length(env: Env, path: str) -> None:
     assert env.upstream_count() == before
 
 
-@pytest.mark.xfail(strict=True, reason="mitmproxy reads (and buffers) a refused body to its"
-                   " end before sending the refusal; fix proposed in the issue 12 fuzz report")
 def test_declared_length_over_the_cap_is_refused_before_the_body(env: Env) -> None:
     """Content-Length of 10 GB and no body sent: the 413 comes at once, nothing is read."""
     res = raw(env.gw.reverse_port, request_bytes(env, body=b"",

@@ -14,6 +14,8 @@ import importlib
 import re
 from collections.abc import Callable, Iterator
 
+from .prefilter import gate, lowered_ascii
+
 Hit = tuple[str, int, int, float]
 """(rule, start, end, weight)."""
 
@@ -43,10 +45,18 @@ _SIGNALS: tuple[tuple[str, re.Pattern[str], float], ...] = (
     ("role_override", _ROLE_OVERRIDE, 1.0),
     ("instructions", _INSTRUCTIONS, 1.0),
 )
+NON_ASCII_SIGNALS = frozenset({"zero_width", "tag_characters", "bidi_control"})
+"""Signals made only of non-ASCII characters: an ASCII text cannot hold them."""
+_GATED = tuple((name, rx, weight, gate(rx.pattern, rx.flags)) for name, rx, weight in _SIGNALS)
 
 
 def heuristics(text: str) -> Iterator[Hit]:
-    for name, rx, weight in _SIGNALS:
+    lowered = lowered_ascii(text)
+    for name, rx, weight, required in _GATED:
+        if lowered is not None and name in NON_ASCII_SIGNALS:
+            continue
+        if required is not None and not required.admits(text, lowered):
+            continue  # the signal's literals are absent (prefilter.py)
         for m in rx.finditer(text):
             yield name, m.start(), m.end(), weight
 

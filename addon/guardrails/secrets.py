@@ -48,6 +48,7 @@ from detect_secrets.plugins.telegram_token import TelegramBotTokenDetector
 from detect_secrets.plugins.twilio import TwilioKeyDetector
 
 from .. import tokens
+from .prefilter import gate, lowered_ascii, min_width
 
 Hit = tuple[str, int, int]
 """(rule without the ``secrets.`` prefix, start, end)."""
@@ -88,22 +89,34 @@ def _slug(secret_type: str) -> str:
 
 
 class SecretScanner:
-    """Finds secrets in a text; pure and thread-safe (compiled regexes only)."""
+    """Finds secrets in a text; pure and thread-safe (compiled regexes only).
 
-    def __init__(self, *, detect_secrets: bool = True, entropy: bool = False) -> None:
-        self._rules: list[tuple[str, Pattern[str]]] = [(n, re.compile(p)) for n, p in _OWN]
+    Each rule is skipped when its literal prefilter (``prefilter.gate``) proves it
+    cannot match; ``prefilter=False`` runs every rule (the reference in tests)."""
+
+    def __init__(self, *, detect_secrets: bool = True, entropy: bool = False,
+                 prefilter: bool = True) -> None:
+        rules: list[tuple[str, Pattern[str]]] = [(n, re.compile(p)) for n, p in _OWN]
         if detect_secrets:
             for cls in _DETECT_SECRETS:
                 name = _slug(str(cls.secret_type))
-                for rx in cls().denylist:
-                    self._rules.append((name, rx))
+                rules.extend((name, rx) for rx in cls().denylist)
+        self._rules = [(n, rx, gate(rx.pattern, rx.flags) if prefilter else None,
+                        min_width(rx.pattern, rx.flags) if prefilter else 0)
+                       for n, rx in rules]
         self._jwt = JwtTokenDetector.is_formally_valid
         self._entropy: list[tuple[str, HighEntropyStringsPlugin]] = (
             [("base64_high_entropy_string", Base64HighEntropyString(limit=4.5)),
              ("hex_high_entropy_string", HexHighEntropyString(limit=3.0))] if entropy else [])
 
     def scan(self, text: str) -> Iterator[Hit]:
-        for name, rx in self._rules:
+        lowered = lowered_ascii(text)
+        size = len(text)
+        for name, rx, required, shortest in self._rules:
+            if size < shortest:
+                continue  # too short for any match ("hi", "run the tests")
+            if required is not None and not required.admits(text, lowered):
+                continue  # the rule's literals are absent: it cannot match
             for m in rx.finditer(text):
                 start, end = m.span()
                 if end == start:
