@@ -8,7 +8,8 @@ route) apply: this addon sits after route and before the stream tap, and by poli
 
 - ``refuse``: a 400 in OpenAI's format, which Codex prints at once without retrying
   (DESIGN §4), telling the developer to use their gateway token;
-- ``meter``: lets the call through untouched (own credential, no rerouting, no failover)
+- ``meter``: lets the call through untouched (own credential, no rerouting, no failover;
+  a WebSocket upgrade gets a 403, so Codex falls back to HTTP, which is metered)
   and hands a ``Call`` marked ``billing="subscription"`` to the stream tap and settle,
   which read usage from the Responses stream and write one ledger row priced as
   equivalent USD; subscription rows never count against gateway budgets;
@@ -124,6 +125,14 @@ class ChatGPTLogin:
                      who.account_id or "-")
             refuse(flow, call, 400, refusal_message(req.pretty_host),
                    type="invalid_request_error", code="chatgpt_login_refused", final=True)
+            return
+        if req.headers.get("upgrade", "").lower() == "websocket":
+            # Metering reads the HTTP stream; the WebSocket form is not metered yet. A 403
+            # on the upgrade makes Codex retry it briefly, then fall back to HTTP POST
+            # (observed with 0.169, tests/test_websocket.py), which is metered.
+            refuse(flow, call, 403, "metered ChatGPT-login traffic goes over HTTP; Codex"
+                   " falls back to it by itself", type="invalid_request_error",
+                   code="chatgpt_websocket_not_metered")
             return
         call.principal = record or subscriber(who)
         call.tags = {**who.tags(), **(record.tags if record is not None else {})}

@@ -254,6 +254,21 @@ def test_meter_without_a_gateway_token_attributes_to_the_jwt_identity(env: Env) 
     assert metric(env.gw, "agent_egress_cost_usd_total", provider="chatgpt") == 0
 
 
+def test_meter_sends_a_websocket_upgrade_back_to_http(env: Env) -> None:
+    """Codex answers a 403 on its upgrade by falling back to HTTP POST, which is metered."""
+    env.chatgpt.clear()
+    before = len(env.gw.ledger())
+    ws = {"connection": "Upgrade", "upgrade": "websocket", "sec-websocket-version": "13",
+          "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    with env.client() as c:
+        r = c.get(f"{env.backend}/codex/responses", headers={**CODEX_HEADERS, **ws})
+    assert r.status_code == 403, r.text
+    assert r.json()["error"]["code"] == "chatgpt_websocket_not_metered"
+    assert env.chatgpt.requests == []  # nothing reached the backend
+    assert len(env.gw.wait_ledger(before, timeout=1)) == before
+    assert JWT not in r.text
+
+
 def test_meter_with_a_gateway_token_attributes_to_its_key_and_spend_splits(env: Env) -> None:
     env.chatgpt.clear()
     env.llm.clear()
