@@ -165,7 +165,9 @@ def test_gateway_shares_verdicts_in_the_configured_redis(tmp_path: Path,
         token, _ = gw.issue_token()
         fake.tool_calls = 0
         r = httpx.post(f"{gw.base_url}/responses", timeout=30,
-                       headers={"authorization": f"Bearer {token}"},
+                       # verdicts are cached per session: no session id, no cache
+                       headers={"authorization": f"Bearer {token}",
+                                "session-id": "sess-guard-e2e"},
                        json={"model": "gpt-5.5", "stream": False, "input": [
                            {"role": "user", "content": "first message"},
                            {"role": "user", "content": "second message"}]})
