@@ -13,10 +13,12 @@ RUN groupadd --system --gid 10001 egress \
     && install -d -o egress -g egress -m 0700 /var/lib/agent-egress
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY addon ./addon
 COPY exporters ./exporters
-RUN pip install . && rm -rf /src
+# the locked, hash-checked dependencies (SECURITY.md), then the package itself
+RUN pip install --require-hashes -r requirements.lock \
+    && pip install --no-deps . && rm -rf /src
 
 WORKDIR /var/lib/agent-egress
 USER egress:egress

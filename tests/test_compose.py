@@ -149,10 +149,11 @@ def test_configs_point_at_each_other(tmp_path: Path) -> None:
 def test_dockerfile() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11[\d.]*-slim", text, re.M)
-    assert "RUN pip install ." in text
+    assert "RUN pip install --require-hashes -r requirements.lock" in text
+    assert "pip install --no-deps ." in text
     user = re.search(r"^USER (\S+)", text, re.M)
     assert user and not user.group(1).startswith(("root", "0"))
     assert re.search(r"^HEALTHCHECK .*\n.*127\.0\.0\.1:9787/healthz", text, re.M)
     ignore = (ROOT / ".dockerignore").read_text().split()
-    assert ignore[ignore.index("*"):][:5] == ["*", "!pyproject.toml", "!README.md", "!addon/",
-                                              "!exporters/"]
+    assert ignore[ignore.index("*"):][:6] == ["*", "!pyproject.toml", "!README.md", "!addon/",
+                                              "!exporters/", "!requirements.lock"]
