@@ -365,7 +365,9 @@ async def amain(args: argparse.Namespace) -> int:
                     log(f"  {t.name} exited with {rc}:\n{procs.stderr_tail(t.name)}")
                 if t.name == "agent-egress" and t.home is not None:
                     results["ledger_calls"] = egress_ledger_calls(t.home)
-                    results["egress_calls_sent"] = lv["sent"][t.name]
+                    # plus the one fidelity stream, sent before the levels
+                    results["egress_calls_sent"] = (lv["sent"][t.name]
+                                                    + ("fidelity" in results))
             if "capacity" not in skip:
                 paced, paced_port = start_fake(procs, PACED_EVENT_DELAY_S, "fake-paced")
                 results["capacity"] = {}
