@@ -22,6 +22,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -488,35 +489,40 @@ class Procs:
             self.stop(p)
 
 
-def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes], what: str,
-              procs: Procs, name: str) -> None:
+def _wait(ready: Callable[[], bool], timeout: float, proc: subprocess.Popen[bytes],
+          what: str, procs: Procs, name: str, not_ready: str) -> None:
+    """Poll ``ready`` every 0.1 s until it holds, the process exits or time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode}:\n"
                                f"{procs.stderr_tail(name)}")
+        if ready():
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} {not_ready} after {timeout:.0f}s:\n{procs.stderr_tail(name)}")
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes], what: str,
+              procs: Procs, name: str) -> None:
+    def ok() -> bool:
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
+                return bool(r.status == 200)
         except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{what} not ready at {url} after {timeout:.0f}s:\n"
-                       f"{procs.stderr_tail(name)}")
+            return False
+    _wait(ok, timeout, proc, what, procs, name, f"not ready at {url}")
 
 
 def wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes], what: str,
               procs: Procs, name: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}:\n"
-                               f"{procs.stderr_tail(name)}")
-        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1):
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"{what} not listening on {port} after {timeout:.0f}s")
+    def listening() -> bool:
+        try:
+            with socket.create_connection((HOST, port), timeout=1):
+                return True
+        except OSError:
+            return False
+    _wait(listening, timeout, proc, what, procs, name, f"not listening on {port}")
 
 
 def start_fake(procs: Procs, event_delay: float = 0.0,
