@@ -174,8 +174,12 @@ def codex_available() -> bool:
 
 
 def run_codex(tmp_path: Path, base_url: str, token: str, prompt: str = "run the tool",
-              timeout: float = 120, resume: bool = False) -> subprocess.CompletedProcess[str]:
-    """`codex exec` with a custom provider at the gateway (DESIGN §4, driving Codex)."""
+              timeout: float = 120, resume: bool = False, provider_extra: str = "",
+              env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`codex exec` with a custom provider at the gateway (DESIGN §4, driving Codex).
+
+    ``provider_extra``: more lines for the provider block (e.g. supports_websockets);
+    ``env_extra``: set last (e.g. HTTPS_PROXY and CODEX_CA_CERTIFICATE for egress mode)."""
     if not Path(CODEX).exists():
         pytest.fail(f"Codex CLI missing at {CODEX}: run scripts/test.sh (it installs it)")
     codex_home = tmp_path / "codex-home"
@@ -192,16 +196,18 @@ def run_codex(tmp_path: Path, base_url: str, token: str, prompt: str = "run the 
         f'base_url = "{base_url}"\n'
         'env_key = "AGENT_EGRESS_TOKEN"\n'
         'wire_api = "responses"\n'
+        f"{provider_extra}"
         "[analytics]\nenabled = false\n"
         "[features]\nplugins = false\n"
     )
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("OPENAI_", "CODEX_", "AGENT_EGRESS_"))}
+           if not k.startswith(("OPENAI_", "CODEX_", "AGENT_EGRESS_", "SSL_CERT"))}
     env.update({"CODEX_HOME": str(codex_home), "AGENT_EGRESS_TOKEN": token,
                 "NO_PROXY": "*", "RUST_LOG": "error"})
     for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY",
                 "all_proxy"):
         env.pop(var, None)
+    env.update(env_extra or {})
     argv = [CODEX, "exec", "--skip-git-repo-check", *(["resume", "--last"] if resume else []),
             prompt]
     return subprocess.run(argv,

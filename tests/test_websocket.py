@@ -31,19 +31,18 @@ So a refused message is answered with a ``status: 400`` error frame (429 with a
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from conftest import CODEX, PROVIDER_KEY, Gateway, make_gateway
+from conftest import PROVIDER_KEY, Gateway, make_gateway, run_codex
 from fakeprovider import DEFAULT_ANSWER
 from fakews import FakeWSProvider
 from otlp_receiver import OTLPReceiver
+from test_claude_e2e import metric
 from tlsfake import make_pki
 
 from agent_egress.addon.classify import classify_path
@@ -129,25 +128,12 @@ def test_upgrade_is_classified_and_providers_opt_in() -> None:
 # --- real Codex, real gateway --------------------------------------------------------
 def run_codex_ws(tmp_path: Path, base_url: str, prompt: str, env: dict[str, str],
                  timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """`codex exec` with a custom provider that speaks WebSocket (supports_websockets)."""
-    home = tmp_path / "codex-home"
-    home.mkdir(exist_ok=True)
-    work = tmp_path / "work"
-    work.mkdir(exist_ok=True)
-    (home / "config.toml").write_text(
-        'model = "gpt-5.5"\nmodel_provider = "corp"\napproval_policy = "never"\n'
-        'sandbox_mode = "workspace-write"\n[model_providers.corp]\nname = "corp"\n'
-        f'base_url = "{base_url}"\nenv_key = "CORP_API_KEY"\nwire_api = "responses"\n'
-        "supports_websockets = true\n[analytics]\nenabled = false\n"
-        "[features]\nplugins = false\n")
-    run_env = {k: v for k, v in os.environ.items()
-               if not k.upper().startswith(("OPENAI_", "CODEX_", "AGENT_EGRESS_", "HTTP_PROXY",
-                                            "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY",
-                                            "SSL_CERT"))}
-    run_env.update({"CODEX_HOME": str(home), "RUST_LOG": "error", "NO_PROXY": "*", **env})
-    return subprocess.run([CODEX, "exec", "--skip-git-repo-check", prompt],
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=work,
-                          env=run_env, timeout=timeout)
+    """`codex exec` with a custom provider that speaks WebSocket (supports_websockets);
+    ``env`` holds the API key as CORP_API_KEY plus any proxy settings."""
+    extra = dict(env)
+    token = extra.pop("CORP_API_KEY")
+    return run_codex(tmp_path, base_url, token, prompt, timeout,
+                     provider_extra="supports_websockets = true\n", env_extra=extra)
 
 
 def _providers(fake: FakeWSProvider) -> list[dict[str, Any]]:
@@ -255,7 +241,7 @@ def test_codex_prompt_with_aws_key_is_blocked_over_websocket(
         assert [m.kind for m in fakews.ws_messages()] == ["prewarm"]  # the turn never left
         assert not [r for r in fakews.requests if AWS in r.body.decode(errors="replace")]
         assert AWS not in gw.logs()
-        assert _metric(gw, "agent_egress_refusals_total", rule="guardrail_blocked") == 1
+        assert metric(gw, "agent_egress_refusals_total", rule="guardrail_blocked") == 1
         assert [r["outcome"] for r in gw.ledger()] == ["ok"]  # the warm-up only
     finally:
         gw.stop()
@@ -279,7 +265,7 @@ def test_codex_shows_a_spent_budget_once_over_websocket(tmp_path: Path,
         assert "spent $0.0250 of $0.0200" in out
         # only the warm-up (no output asked for) reached the provider; no retry loop
         assert [m.kind for m in fakews.ws_messages()[served:]] == ["prewarm"]
-        assert _metric(gw, "agent_egress_refusals_total", rule="budget_exceeded") == 1
+        assert metric(gw, "agent_egress_refusals_total", rule="budget_exceeded") == 1
     finally:
         gw.stop()
 
@@ -301,15 +287,6 @@ def test_codex_over_websocket_through_the_egress_proxy(tmp_path: Path) -> None:
             gw.stop()
 
 
-def _metric(gw: Gateway, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in httpx.get(f"{gw.admin_url}/metrics", timeout=5).text.splitlines():
-        if line.startswith((name + "{", name + " ")) and all(
-                f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 @pytest.mark.codex
 def test_codex_output_blocked_mid_stream_over_websocket(tmp_path: Path,
                                                         fakews: FakeWSProvider) -> None:
@@ -329,7 +306,7 @@ def test_codex_output_blocked_mid_stream_over_websocket(tmp_path: Path,
                 " secrets.aws_access_key (action block)") in out, out[-2000:]
         assert "Reconnecting" not in out and AWS not in out
         assert [m.kind for m in fakews.ws_messages()] == ["prewarm", "answer"]
-        assert _metric(gw, "agent_egress_refusals_total", rule="guardrail_blocked") == 1
+        assert metric(gw, "agent_egress_refusals_total", rule="guardrail_blocked") == 1
         rows = sorted(gw.wait_ledger(2), key=lambda r: r["ts"])
         assert len(rows) == 2 and rows[1]["output_tokens"] == 50  # metered to the end
     finally:
@@ -353,6 +330,6 @@ def test_provider_without_websockets_makes_codex_fall_back_to_http(
         assert posts[-2:] == ["tool_call", "answer"]
         rows = gw.wait_ledger(len(posts))
         assert {r["api"] for r in rows} == {"openai.responses"}
-        assert _metric(gw, "agent_egress_refusals_total", rule="provider_not_allowed") >= 1
+        assert metric(gw, "agent_egress_refusals_total", rule="provider_not_allowed") >= 1
     finally:
         gw.stop()
