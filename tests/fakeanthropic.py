@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
+from fakeprovider import H11_MAX_HEADER_BYTES
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -147,7 +148,8 @@ class FakeAnthropic:
         self.port = sock.getsockname()[1]
         server = uvicorn.Server(uvicorn.Config(
             self.app, host="127.0.0.1", port=self.port, log_level="warning",
-            lifespan="off", access_log=False, timeout_graceful_shutdown=1))
+            lifespan="off", access_log=False, timeout_graceful_shutdown=1,
+            h11_max_incomplete_event_size=H11_MAX_HEADER_BYTES))
         self._server = server
 
         def run() -> None:

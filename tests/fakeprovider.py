@@ -75,6 +75,9 @@ SHELL_TOOL_NAMES = ("exec_command", "shell_command", "shell", "container.exec", 
 OUTPUT_ITEM_TYPES = ("function_call_output", "custom_tool_call_output")
 COMPACTION_MARKER = "CONTEXT CHECKPOINT COMPACTION"  # Codex's local compaction prompt
 COMPACTED_HISTORY = "FAKE-COMPACTED-HISTORY"  # encrypted_content of compaction items
+# h11 refuses a request head that arrives in pieces once 16 KiB are buffered, so a
+# large header passed whole or split by the kernel decided a test; fakes take 1 MiB.
+H11_MAX_HEADER_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -282,6 +285,7 @@ class FakeProvider:
             lifespan="off",
             access_log=False,
             timeout_graceful_shutdown=1,
+            h11_max_incomplete_event_size=H11_MAX_HEADER_BYTES,
             **({} if self.tls is None else {"ssl_certfile": self.tls[0],
                                             "ssl_keyfile": self.tls[1]}),
         )
