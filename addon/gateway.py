@@ -4,6 +4,7 @@ writer in one asyncio loop (DESIGN §2); SIGTERM/SIGINT drain, then exit 0."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -16,10 +17,8 @@ from mitmproxy.addons import (
     block,
     core,
     disable_h2c,
-    dns_resolver,
     next_layer,
     proxyserver,
-    strip_dns_https_records,
     tlsconfig,
     update_alt_svc,
 )
@@ -43,6 +42,7 @@ from .budget_cutoff import BudgetCutoff
 from .budgets import Budgets
 from .call import METADATA_KEY
 from .capture import ContentCapture
+from .chain import Chain
 from .chatgpt_login import SUBSCRIPTION_PROVIDER, ChatGPTLogin
 from .classify import Classify
 from .cli_ca import confdir_for, prepare_ca
@@ -251,9 +251,10 @@ def proxy_addons() -> list[Any]:
     mitmproxy invokes every addon for every event of every flow, so playback,
     export, map-local and the like cost CPU per request while doing nothing here;
     errorcheck would also sys.exit inside the loop (start() checks listening itself).
+    The DNS addons (resolver, HTTPS-record stripping) are left out too: they act on DNS
+    flows only, which the reverse and regular modes we run never produce.
     """
-    return [core.Core(), block.Block(), strip_dns_https_records.StripDnsHttpsRecords(),
-            disable_h2c.DisableH2C(), proxyserver.Proxyserver(), dns_resolver.DnsResolver(),
+    return [core.Core(), block.Block(), disable_h2c.DisableH2C(), proxyserver.Proxyserver(),
             next_layer.NextLayer(), tlsconfig.TlsConfig(), update_alt_svc.UpdateAltSvc()]
 
 
@@ -383,7 +384,7 @@ async def start(settings: Settings) -> Gateway:
     opts = options.Options()
     master = Master(opts, with_termlog=False)
     master.addons.add(*proxy_addons())
-    master.addons.add(*chain)
+    master.addons.add(Chain(chain))  # one addon for mitmproxy: see chain.py
     opts.update(**_mitm_options(settings))
 
     ahost, aport = _split(settings.listen.admin)
@@ -431,6 +432,12 @@ async def start(settings: Settings) -> Gateway:
 async def serve(settings: Settings) -> int:
     """`agent-egress run`: start, wait for SIGTERM/SIGINT, drain, exit 0."""
     gw = await start(settings)
+    # Everything built so far (mitmproxy, Presidio/spaCy, SQLAlchemy: ~250k objects) lives
+    # as long as the process: out of the collector's sight, a full collection no longer
+    # walks it. Measured at 64 streams: full collections went from 100 ms of pause each
+    # (the loop stalls; p99 time to first event) to 16 ms at most (benchmarks/README.md).
+    gc.collect()
+    gc.freeze()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

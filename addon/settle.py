@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from decimal import Decimal
+from typing import Any
 
 from mitmproxy import http
 
@@ -74,6 +75,16 @@ class Settle:
         self.budgets = budgets
         self._warned: set[tuple[str, str]] = set()
         self.max_unpriced_labels = 100  # model names come from responses: bound the series
+        self._children: dict[tuple[int, tuple[object, ...]], Any] = {}
+        """Labelled series by (metric, label values): ``labels()`` validates and locks on
+        every call. Holds what the registry holds, so it adds no series."""
+
+    def _child(self, metric: Any, *values: object) -> Any:
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def response(self, flow: http.HTTPFlow) -> None:
         call: Call | None = flow.metadata.get(METADATA_KEY)
@@ -217,12 +228,12 @@ class Settle:
         label_model = model[:64] if row.price_source != "unpriced" else "other"
         ex = ({"trace_id": SessionTracer.trace_id_for(call.session_id)}
               if self.exemplars and call.session_id else None)
-        m.calls.labels(row.org, row.team, row.provider, label_model, row.api, call.agent,
-                       row.outcome).inc()
-        m.overhead.labels(row.api).observe(call.overhead_s)
+        self._child(m.calls, row.org, row.team, row.provider, label_model, row.api, call.agent,
+                    row.outcome).inc()
+        self._child(m.overhead, row.api).observe(call.overhead_s)
         if row.cost_usd and row.billing == "gateway":  # budget burn alerts read this counter:
             # a subscription row's USD is an equivalent nobody paid the gateway (issue 9)
-            m.cost.labels(row.org, row.team, row.provider, label_model, call.agent).inc(
+            self._child(m.cost, row.org, row.team, row.provider, label_model, call.agent).inc(
                 float(row.cost_usd), exemplar=ex)
         for kind, n in (("input", usage.input_tokens - usage.cached_input_tokens),
                         ("cached_input", usage.cached_input_tokens),
@@ -230,11 +241,11 @@ class Settle:
                         ("output", usage.output_tokens - usage.reasoning_tokens),
                         ("reasoning", usage.reasoning_tokens)):
             if n:
-                m.tokens.labels(row.org, row.team, row.provider, label_model, kind).inc(n)
+                self._child(m.tokens, row.org, row.team, row.provider, label_model, kind).inc(n)
         if row.usage_estimated:
             m.estimated.labels(row.provider).inc()
         if call.first_byte_at is not None:
-            m.ttfb.labels(row.provider, label_model).observe(call.first_byte_at - call.started,
-                                                             exemplar=ex)
-        m.duration.labels(row.provider, label_model, row.api).observe(now - call.started,
-                                                                      exemplar=ex)
+            self._child(m.ttfb, row.provider, label_model).observe(
+                call.first_byte_at - call.started, exemplar=ex)
+        self._child(m.duration, row.provider, label_model, row.api).observe(
+            now - call.started, exemplar=ex)

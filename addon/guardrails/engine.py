@@ -11,14 +11,17 @@ import hashlib
 import threading
 from collections import OrderedDict
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from .config import Action, Direction, GuardrailsConfig, Resolved
 from .custom import compile_rule
 from .custom import scan as custom_scan
 from .findings import Finding
 from .injection import Classifier, heuristics, load_classifier
-from .pii import PiiScanner
 from .secrets import WEAK_RULES, SecretScanner
+
+if TYPE_CHECKING:
+    from .pii import PiiScanner
 
 _NO_INJECTION_ROLES = frozenset({"system", "developer", "assistant"})
 """The agent's own prompt and the model's earlier turns are instructions by design."""
@@ -31,6 +34,9 @@ def _secret_scanner(detect_secrets: bool, entropy: bool) -> SecretScanner:
 
 @lru_cache(maxsize=8)
 def _pii_scanner(entities: tuple[str, ...], threshold: float) -> PiiScanner:
+    # Presidio imports spaCy (~85 MiB resident): only when a policy scans for PII
+    from .pii import PiiScanner
+
     return PiiScanner(entities, threshold)
 
 

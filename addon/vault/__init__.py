@@ -1,6 +1,9 @@
-"""Where provider API keys live; the gateway holds them in memory only."""
+"""Where provider API keys live; the gateway holds them in memory only.
 
-from .aws import AwsSecretsManagerVault
+The AWS and HashiCorp backends (``.aws``, ``.hashicorp``) are imported only when
+configured: boto3 and hvac cost memory in every gateway that does not use them.
+"""
+
 from .base import (
     MASTER_KEY_ENV,
     MasterKey,
@@ -14,7 +17,6 @@ from .base import (
     validate_name,
 )
 from .file import FileVault, generate_master_key
-from .hashicorp import HashiCorpVault
 from .spec import (
     AwsVaultSpec,
     FileVaultSpec,
@@ -26,11 +28,9 @@ from .spec import (
 
 __all__ = [
     "MASTER_KEY_ENV",
-    "AwsSecretsManagerVault",
     "AwsVaultSpec",
     "FileVault",
     "FileVaultSpec",
-    "HashiCorpVault",
     "HashiCorpVaultSpec",
     "MasterKey",
     "SecretInfo",

@@ -16,10 +16,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, field_validator
 
-from .aws import AwsSecretsManagerVault
 from .base import Vault, VaultError, load_master_key
 from .file import FileVault
-from .hashicorp import HashiCorpVault
 
 VAULT_FILE = "vault.json"
 
@@ -121,6 +119,8 @@ def open_vault(
         master = load_master_key(home, environ)
         return FileVault((spec.path or home / VAULT_FILE).expanduser(), master.key)
     if isinstance(spec, AwsVaultSpec):
+        from .aws import AwsSecretsManagerVault  # boto3: only when configured
+
         return AwsSecretsManagerVault(
             spec.prefix,
             region=spec.region,
@@ -133,6 +133,8 @@ def open_vault(
             f"vault.kind is hashicorp but {spec.token_env} is not set; export a Vault token"
             " in it (or name another variable in vault.token_env)"
         )
+    from .hashicorp import HashiCorpVault  # hvac: only when configured
+
     return HashiCorpVault(
         spec.url,
         token=token,
