@@ -3,6 +3,7 @@ process on free loopback ports, the CLI, and the real Codex CLI."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,6 +128,14 @@ class Gateway:
 
 
 def make_gateway(tmp_path: Path, provider_url: str, **config: Any) -> Gateway:
+    gw = make_gateway_without_key(tmp_path, provider_url, **config)
+    gw.cli("vault", "set", "openai", input=PROVIDER_KEY + "\n")
+    return gw
+
+
+def make_gateway_without_key(tmp_path: Path, provider_url: str, **config: Any) -> Gateway:
+    """make_gateway, but the provider key is not stored yet (no vault, no master key
+    file): for callers that store it their way, e.g. replicas sharing a master key."""
     home = tmp_path / "egress-home"
     home.mkdir(mode=0o700)  # the gateway refuses a state directory others can read
     gw = Gateway(home=home, env={}, reverse_port=free_port(), proxy_port=free_port(),
@@ -150,8 +160,26 @@ def make_gateway(tmp_path: Path, provider_url: str, **config: Any) -> Gateway:
     env["AGENT_EGRESS_HOME"] = str(home)
     env["NO_PROXY"] = "*"
     gw.env = env
-    gw.cli("vault", "set", "openai", input=PROVIDER_KEY + "\n")
     return gw
+
+
+def make_replicas(tmp_path: Path, provider_url: str, db_url: str, redis_url: str,
+                  prefix: str, **config: Any) -> tuple[Gateway, Gateway]:
+    """Two replicas (homes tmp_path/a and tmp_path/b) of one deployment: one database,
+    one Redis (keys under ``prefix``), one master key (environment), the provider key in
+    each home's vault (stored by both at once)."""
+    master = base64.b64encode(os.urandom(32)).decode()
+    gws = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        gw = make_gateway_without_key(tmp_path / name, provider_url, database_url=db_url,
+                                      redis_url=redis_url, redis_prefix=prefix, **config)
+        gw.env["AGENT_EGRESS_MASTER_KEY"] = master
+        gws.append(gw)
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda g: g.cli("vault", "set", "openai", input=PROVIDER_KEY + "\n"),
+                      gws))
+    return gws[0], gws[1]
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from redis import asyncio as aioredis
 
 from agent_egress.addon.budget_policy import (
+    PERIODS,
     Admission,
     Budgets,
     BudgetSpec,
@@ -27,6 +28,7 @@ from agent_egress.addon.budget_policy import (
     make_plan,
     scopes_of,
     window,
+    windows,
 )
 from agent_egress.addon.limiter.base import Limiter
 from agent_egress.addon.limiter.memory import MemoryLimiter
@@ -73,6 +75,17 @@ def test_windows_are_calendar_periods_in_the_configured_zone() -> None:
     berlin = window("monthly", datetime(2026, 10, 15, tzinfo=UTC), ZoneInfo("Europe/Berlin"))
     assert berlin.resets_at is not None and berlin.start is not None
     assert berlin.resets_at - berlin.start == timedelta(days=31, hours=1)
+
+
+def test_remembered_windows_equal_fresh_ones_across_boundaries() -> None:
+    """``windows`` reuses its last answer while it holds: walking an hour at a time over
+    month ends and Berlin's DST change, forwards and back, it equals ``window`` each time."""
+    berlin = ZoneInfo("Europe/Berlin")
+    start = datetime(2026, 10, 24, tzinfo=UTC)
+    hours = [start + timedelta(hours=h) for h in range(0, 24 * 10, 1)]
+    for now in [*hours, *reversed(hours), start + timedelta(days=40), start]:
+        for tz in (berlin, UTC_TZ):
+            assert windows(now, tz) == tuple(window(p, now, tz) for p in PERIODS), (now, tz)
 
 
 @pytest.mark.parametrize("bad", [

@@ -19,9 +19,9 @@ from typing import Any
 import httpx
 import pytest
 import services
-from conftest import AGENT_EGRESS, Gateway, make_gateway, run_codex
+from conftest import AGENT_EGRESS, Gateway, make_gateway, make_replicas, run_codex
 from fakeprovider import FakeProvider
-from test_replicas import _replicas, _start_both
+from test_replicas import _start_both
 
 from agent_egress.addon.budget_policy import NANO_PER_USD
 from agent_egress.addon.limiter.sql import SQLLimiter
@@ -228,7 +228,7 @@ def test_two_replicas_hold_one_team_budget_under_200_concurrent_calls(
                                   reasoning_tokens=0)  # 0.05 USD per call at 10 USD/Mtok
     per_call = Decimal("0.05")
     with services.redis_namespace() as prefix:
-        a, b = _replicas(tmp_path, fake, pg_url, services.redis_url(), prefix)
+        a, b = make_replicas(tmp_path, fake.base_url, pg_url, services.redis_url(), prefix)
         for gw in (a, b):
             cfg = gw.home / "config.yaml"
             import yaml
@@ -239,9 +239,9 @@ def test_two_replicas_hold_one_team_budget_under_200_concurrent_calls(
                                # above each call's real 0.05 USD
                                "reservation": {"output_tokens": 5000, "max_usd": 1}}
             cfg.write_text(yaml.safe_dump(data))
+        token, _ = a.issue_token()
         _start_both(a, b)
         try:
-            token, _ = a.issue_token()
             outcomes: list[int] = []
 
             def one(i: int) -> int:
@@ -320,11 +320,10 @@ def test_postgres_down_spools_the_ledger_and_replays_it(tmp_path: Path,
     try:
         gw = make_gateway(tmp_path, fake.base_url, database_url=pg.url,
                           shutdown={"drain_seconds": 2})
-        gw.start()
+        # issued before the start: the key cache, cleared when the store's keys change
+        # (seen by a 0.25 s poll), then keeps the key the first call caches
         token, key_id = gw.issue_token()
-        # the key cache is cleared when the store's keys change (the issue above, seen by a
-        # 0.25 s poll): let that happen before the call that caches the key
-        time.sleep(0.6)
+        gw.start()
         assert _post(gw, token).status_code == 200
         pg.halt()  # the database goes away with the gateway serving
         served = sum(_post(gw, token).status_code == 200 for _ in range(5))

@@ -29,10 +29,10 @@ import pytest
 import redis
 import services
 import yaml
-from conftest import Gateway, make_gateway
+from conftest import Gateway, make_gateway, make_replicas
 from fakeprovider import FakeProvider
 from test_faults_store import start_gateway
-from test_replicas import _replicas, _revoke_and_measure, _wait
+from test_replicas import _revoke_and_measure, _wait
 
 from agent_egress.addon.budget_policy import NANO_PER_USD
 from agent_egress.addon.store.sql import SQLStore
@@ -93,20 +93,26 @@ def test_sigkill_of_one_replica_mid_stream(tmp_path: Path, fake: FakeProvider,
                                            pg_url: str) -> None:
     """Budget 0.11 USD; each reservation ~0.05, each call costs 0.0125. While the dead
     replica's reservation holds, the survivor can admit only one more call; once the
-    lease expires (LEASE_S) the budget is free again, with no manual step."""
+    lease expires (LEASE_S) the budget is free again, with no manual step.
+
+    The lease runs from the stream's start, so replica b starts while that stream runs
+    (it is up before a is killed): its start-up overlaps the lease instead of adding to
+    the test's time."""
     fake.tool_calls = 0
     rurl = services.redis_url()
     with services.redis_namespace() as prefix:
-        a, b = _replicas(tmp_path, fake, pg_url, rurl, prefix)
+        a, b = make_replicas(tmp_path, fake.base_url, pg_url, rurl, prefix)
         for gw in (a, b):
             _configure(gw, fake, budgets={
                 "teams": {"acme/payments": [{"period": "monthly", "usd": "0.11"}]},
                 "reservation": {"output_tokens": 5000, "max_usd": 1,
                                 "lease_seconds": LEASE_S}})
-        _start_both(a, b)
         try:
             token, _ = a.issue_token()
-            fake.event_delay, fake.delta_count = 0.25, 40  # a ~10 s stream
+            start_gateway(a)
+            # a stream far longer than b's start-up (~3 s; much more on a loaded box):
+            # it is still in flight when a is killed
+            fake.event_delay, fake.delta_count = 0.25, 480
             got: dict[str, Any] = {}
 
             def stream() -> None:
@@ -122,6 +128,9 @@ def test_sigkill_of_one_replica_mid_stream(tmp_path: Path, fake: FakeProvider,
             t = threading.Thread(target=stream)
             t.start()
             _wait(lambda: got.get("bytes", 0) > 0, 10, "the stream on replica a to start")
+            reserved_at = time.monotonic()  # (just after) the reservation and its lease
+            start_gateway(b)
+            assert "error" not in got and t.is_alive(), "a's stream ended before the kill"
             assert a.proc is not None
             a.proc.send_signal(signal.SIGKILL)
             killed_at = time.monotonic()
@@ -144,13 +153,14 @@ def test_sigkill_of_one_replica_mid_stream(tmp_path: Path, fake: FakeProvider,
                 if _post(b, token).status_code == 200:
                     served_again = time.monotonic() - killed_at
                     break
-                time.sleep(1.0)
+                time.sleep(0.25)
             assert served_again is not None, "the dead replica's reservation never expired"
             b.stop()
             ledger_nano, rows = _ledger_nano(pg_url)
             spent, reserved = _team_counter(rurl, prefix)
             print(f"\n[SIGKILL] replica b served 1 call at once, then refused while the dead"
-                  f" reservation held; served again {served_again:.1f} s after the kill"
+                  f" reservation held; served again {served_again:.1f} s after the kill,"
+                  f" {served_again + killed_at - reserved_at:.1f} s after the stream began"
                   f" (lease {LEASE_S} s). Ledger {len(rows)} rows = {ledger_nano} nano-USD;"
                   f" Redis spent {spent}, reserved {reserved}")
             assert len(rows) == 2 and all(r.outcome == "ok" for r in rows)
@@ -218,7 +228,7 @@ def test_redis_restart_revocation_counters_and_breakers_recover(
     own = services.RedisServer().start()  # never the machine's shared Redis
     prefix = "ae-test-restart:"
     try:
-        a, b = _replicas(tmp_path, fake, pg_url, own.url, prefix)
+        a, b = make_replicas(tmp_path, fake.base_url, pg_url, own.url, prefix)
         for gw in (a, b):
             _configure(gw, fake, budgets={
                 "teams": {"acme/payments": [{"period": "monthly", "usd": "0.03"}]},

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = ROOT / "grafana" / "dashboards"
 RULES = ROOT / "grafana" / "alerts" / "agent-egress.rules.yml"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+INTERVAL = "500ms"  # Prometheus' scrape and rule evaluation interval here
+INTERVAL_S = 0.5
 
 # Grafana's variables as the dashboards' defaults ("All") and a range covering the test.
 PROM_VARS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h",
@@ -59,11 +62,12 @@ class Prometheus:
         self.url = f"http://127.0.0.1:{self.port}"
         cfg = tmp / "prometheus.yml"
         cfg.write_text(yaml.safe_dump({
-            "global": {"scrape_interval": "1s", "scrape_timeout": "1s",
-                       "evaluation_interval": "1s"},
+            "global": {"scrape_interval": INTERVAL, "scrape_timeout": INTERVAL,
+                       "evaluation_interval": INTERVAL},
             "rule_files": [str(rule_file)],
             "scrape_configs": [{"job_name": "agent-egress",
                                 "static_configs": [{"targets": [target]}]}]}))
+        self.http = httpx.Client(timeout=10)  # one connection for the ~150 queries
         self.log = (tmp / "prometheus.log").open("wb")
         self.proc = subprocess.Popen(
             [PROMETHEUS, f"--config.file={cfg}", f"--storage.tsdb.path={tmp / 'tsdb'}",
@@ -80,15 +84,35 @@ class Prometheus:
         raise AssertionError("prometheus did not become ready")
 
     def query(self, q: str) -> list[dict[str, Any]]:
-        r = httpx.get(f"{self.url}/api/v1/query", params={"query": q}, timeout=10)
+        r = self.http.get(f"{self.url}/api/v1/query", params={"query": q})
         assert r.status_code == 200, f"{q}\n-> {r.status_code} {r.text}"
         result: list[dict[str, Any]] = r.json()["data"]["result"]
         return result
+
+    def rule_groups(self) -> list[dict[str, Any]]:
+        r = self.http.get(f"{self.url}/api/v1/rules")
+        assert r.status_code == 200, r.text
+        groups: list[dict[str, Any]] = r.json()["data"]["groups"]
+        return groups
+
+    def evaluated_since(self, t: float) -> bool:
+        """Every rule group has been evaluated (at least once) after the Unix time t."""
+        groups = self.rule_groups()
+        return bool(groups) and all(_unix(g["lastEvaluation"]) > t for g in groups)
 
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
         self.log.close()
+        self.http.close()
+
+
+def _unix(rfc3339: str) -> float:
+    """Prometheus' timestamps (nanoseconds, Z) as Unix time."""
+    m = re.fullmatch(r"(.+?)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)", rfc3339)
+    assert m, rfc3339
+    whole = datetime.fromisoformat(m.group(1) + m.group(3).replace("Z", "+00:00"))
+    return whole.timestamp() + float(f"0.{m.group(2) or 0}")
 
 
 def exported_names(exposition: str) -> set[str]:
@@ -155,10 +179,10 @@ def test_every_panel_and_rule_runs_on_real_data(tmp_path: Path, fake: FakeProvid
              "directions": ["input"]},
             {"name": "no-launch-codes", "keywords": ["launch-codes"], "action": "block",
              "directions": ["input"]}]}})
-    # the same rules, evaluated every second instead of every 30 s
+    # the same rules, evaluated every INTERVAL instead of every 30 s
     doc = yaml.safe_load(RULES.read_text())
     for g in doc["groups"]:
-        g["interval"] = "1s"
+        g["interval"] = INTERVAL
     rule_file = tmp_path / "rules.yml"
     rule_file.write_text(yaml.safe_dump(doc))
     gw.start()
@@ -178,10 +202,11 @@ def test_every_panel_and_rule_runs_on_real_data(tmp_path: Path, fake: FakeProvid
         httpx.post(f"{gw.base_url}/responses", json=body, timeout=10,
                    headers={"authorization": f"Bearer {token}"})
         # one more priced call once Prometheus holds the session's cost, so rates are > 0
+        # (two scrapes of it: the call below then lands in a later sample)
         deadline = time.monotonic() + 15
-        while not prom.query("agent_egress_cost_usd_total") and time.monotonic() < deadline:
-            time.sleep(0.3)
-        time.sleep(1.5)
+        while not prom.query("min(count_over_time(agent_egress_cost_usd_total[1m])) >= 2"
+                             ) and time.monotonic() < deadline:
+            time.sleep(0.1)
         # as Codex (originator header), so it adds to the session's cost series (agent label)
         assert httpx.post(f"{gw.base_url}/responses", json=body, timeout=10,
                           headers={"authorization": f"Bearer {token}",
@@ -194,8 +219,13 @@ def test_every_panel_and_rule_runs_on_real_data(tmp_path: Path, fake: FakeProvid
             burn = prom.query("agent_egress_team:budget_burn_rate:rate5m")
             if n and float(n[0]["value"][1]) >= len(rows) and burn:
                 break
-            time.sleep(0.5)
-        time.sleep(2.5)
+            time.sleep(0.1)
+        # groups run every INTERVAL: one evaluation later than a full INTERVAL after now
+        # means the one before it was after now too
+        since = time.time() + INTERVAL_S
+        while not prom.evaluated_since(since):
+            assert time.monotonic() < deadline + 30, prom.rule_groups()
+            time.sleep(0.1)
         exported = exported_names(httpx.get(f"{gw.admin_url}/metrics", timeout=5).text)
         recorded = {r["record"] for g in doc["groups"] for r in g["rules"] if "record" in r}
         problems: list[str] = []
@@ -248,8 +278,7 @@ def test_every_panel_and_rule_runs_on_real_data(tmp_path: Path, fake: FakeProvid
             for rule in group["rules"]:
                 check_promql(f"grafana rule {rule['title']}", rule["data"][0]["model"]["expr"],
                              False)
-        rule_health = httpx.get(f"{prom.url}/api/v1/rules", timeout=5).json()
-        for g in rule_health["data"]["groups"]:
+        for g in prom.rule_groups():
             for r in g["rules"]:
                 if r["health"] != "ok":
                     problems.append(f"rule {r['name']}: {r['health']} {r.get('lastError')}")

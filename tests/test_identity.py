@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,33 +29,78 @@ def cli_json(gw: Gateway, *args: str) -> Any:
     return json.loads(gw.cli(*args, "--format", "json").stdout)
 
 
+def _acme_by_cli(gw: Gateway) -> dict[str, Any]:
+    """The world of `acme`, built with the local CLI's org/team/user/admin-token verbs
+    (the calls of one step at once: each is a ~1 s process start)."""
+    ids: dict[str, Any] = {}
+
+    def step(*calls: tuple[str, ...]) -> list[Any]:
+        with ThreadPoolExecutor(len(calls)) as pool:
+            return list(pool.map(lambda args: cli_json(gw, *args), calls))
+
+    step(("org", "create", "acme"), ("org", "create", "other"))
+    step(("team", "create", "--org", "acme", "payments"),
+         ("team", "create", "--org", "acme", "search"),
+         ("team", "create", "--org", "other", "ops"))
+    step(("user", "create", "--org", "acme", "--team", "payments", "alice"),
+         ("user", "create", "--org", "acme", "--team", "search", "bob"),
+         ("user", "create", "--org", "other", "--team", "ops", "olga"))
+    for listed in step(("org", "list"), ("team", "list"), ("user", "list")):
+        ids.update({e["name"]: e["id"] for e in listed})
+    tokens = step(*[("admin-token", "issue", "--role", role, "--org", org, *team)
+                    for role, org, team in (("org-admin", "acme", ()),
+                                            ("team-admin", "acme", ("--team", "payments")),
+                                            ("viewer", "acme", ()),
+                                            ("org-admin", "other", ()))])
+    for name, out in zip(("org-admin", "team-admin", "viewer", "other-admin"), tokens,
+                         strict=True):
+        ids[name] = out["token"]
+    return ids
+
+
+def _acme_by_api(gw: Gateway) -> dict[str, Any]:
+    """The same world, with the CLI (root) only for what only root may do: create the two
+    orgs and an org-admin token for each. Everything else goes through the running
+    gateway's admin API with those tokens (each CLI call is a ~1 s process start)."""
+    def org_with_admin(name: str) -> tuple[str, str]:
+        org_id = cli_json(gw, "org", "create", name)["id"]
+        return org_id, cli_json(gw, "admin-token", "issue", "--role", "org-admin",
+                                "--org", org_id)["token"]
+
+    with ThreadPoolExecutor(2) as pool:  # two independent chains of two CLI calls
+        (acme_id, admin), (other_id, other_admin) = pool.map(org_with_admin,
+                                                             ("acme", "other"))
+    ids: dict[str, Any] = {"acme": acme_id, "other": other_id, "org-admin": admin,
+                           "other-admin": other_admin}
+
+    def created(token: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        r = api(gw, token, "POST", path, body)
+        assert r.status_code == 201, f"{path}: {r.status_code} {r.text}"
+        data: dict[str, Any] = r.json()
+        return data
+
+    for org, token, teams in (("acme", admin, (("payments", "alice"), ("search", "bob"))),
+                              ("other", other_admin, (("ops", "olga"),))):
+        for team, user in teams:
+            ids[team] = created(token, f"/orgs/{ids[org]}/teams", {"name": team})["id"]
+            ids[user] = created(token, f"/teams/{ids[team]}/users", {"name": user})["id"]
+    ids["team-admin"] = created(admin, "/admin-tokens", {
+        "role": "team-admin", "team_id": ids["payments"]})["token"]
+    ids["viewer"] = created(admin, "/admin-tokens", {
+        "role": "viewer", "org_id": ids["acme"]})["token"]
+    return ids
+
+
 @pytest.fixture
 def acme(gateway: Gateway) -> dict[str, Any]:
     """Two orgs, two teams in acme, a user per team, and one admin token per role."""
-    gw = gateway
-    ids: dict[str, Any] = {}
-    gw.cli("org", "create", "acme")
-    gw.cli("org", "create", "other")
-    gw.cli("team", "create", "--org", "acme", "payments")
-    gw.cli("team", "create", "--org", "acme", "search")
-    gw.cli("team", "create", "--org", "other", "ops")
-    gw.cli("user", "create", "--org", "acme", "--team", "payments", "alice")
-    gw.cli("user", "create", "--org", "acme", "--team", "search", "bob")
-    gw.cli("user", "create", "--org", "other", "--team", "ops", "olga")
-    for org in cli_json(gw, "org", "list"):
-        ids[org["name"]] = org["id"]
-    for team in cli_json(gw, "team", "list"):
-        ids[team["name"]] = team["id"]
-    for user in cli_json(gw, "user", "list"):
-        ids[user["name"]] = user["id"]
-    for role, team in (("org-admin", None), ("team-admin", "payments"), ("viewer", None)):
-        args = ["admin-token", "issue", "--role", role, "--org", "acme"]
-        if team:
-            args += ["--team", team]
-        ids[role] = cli_json(gw, *args)["token"]
-    ids["other-admin"] = cli_json(gw, "admin-token", "issue", "--role", "org-admin",
-                                  "--org", "other")["token"]
-    return ids
+    return _acme_by_api(gateway)
+
+
+@pytest.fixture
+def acme_by_cli(gateway: Gateway) -> dict[str, Any]:
+    """`acme`, built with the CLI verbs themselves (for the test of the CLI)."""
+    return _acme_by_cli(gateway)
 
 
 def api(gw: Gateway, token: str | None, method: str, path: str,
@@ -206,8 +252,8 @@ def test_scopes_tags_rotation_and_disable_on_the_request_path(
 
 
 def test_cli_with_url_uses_the_running_gateways_api(gateway: Gateway,
-                                                    acme: dict[str, Any]) -> None:
-    gw, ids = gateway, acme
+                                                    acme_by_cli: dict[str, Any]) -> None:
+    gw, ids = gateway, acme_by_cli
     remote = ["--url", gw.admin_url, "--admin-token", ids["team-admin"]]
     out = gw.cli("token", "issue", "--org", "acme", "--team", "payments", "--user", "alice",
                  "--format", "json", *remote).stdout

@@ -8,9 +8,7 @@ and tests never see each other's keys, rows or revocation messages.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
 import shutil
 import subprocess
 import threading
@@ -24,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 import services
-from conftest import AGENT_EGRESS, PROVIDER_KEY, Gateway, make_gateway
+from conftest import AGENT_EGRESS, Gateway, make_replicas
 from fakeprovider import FakeProvider
 
 from agent_egress.addon.store.revocations import RevocationBus, publish_sync
@@ -56,25 +54,6 @@ def _wait(cond: Any, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)
-
-
-def _replicas(tmp_path: Path, fake: FakeProvider, db_url: str, redis_url: str,
-              prefix: str) -> tuple[Gateway, Gateway]:
-    """Two homes, one master key (env), the provider key in each home's vault."""
-    master = base64.b64encode(os.urandom(32)).decode()
-    gws = []
-    for name in ("a", "b"):
-        (tmp_path / name).mkdir()
-        gw = make_gateway(tmp_path / name, fake.base_url, database_url=db_url,
-                          redis_url=redis_url, redis_prefix=prefix)
-        gw.env["AGENT_EGRESS_MASTER_KEY"] = master
-        for stale in ("vault.json", "master.key"):  # made by make_gateway with a file key
-            (gw.home / stale).unlink(missing_ok=True)
-        gws.append(gw)
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda g: g.cli("vault", "set", "openai", input=PROVIDER_KEY + "\n"),
-                      gws))
-    return gws[0], gws[1]
 
 
 def _start_both(a: Gateway, b: Gateway) -> None:
@@ -137,7 +116,7 @@ def test_revocation_reaches_the_other_replica_and_ledgers_meet(
         tmp_path: Path, fake: FakeProvider, pg_url: str) -> None:
     fake.tool_calls = 0
     with services.redis_namespace() as prefix:
-        a, b = _replicas(tmp_path, fake, pg_url, services.redis_url(), prefix)
+        a, b = make_replicas(tmp_path, fake.base_url, pg_url, services.redis_url(), prefix)
         token, key_id = a.issue_token()  # also migrates the shared database
         _start_both(a, b)
         try:
@@ -193,7 +172,7 @@ def test_poll_catches_revocation_while_redis_is_down(
     fake.tool_calls = 0
     own = services.RedisServer().start()  # the shared Redis must stay up for others
     try:
-        a, b = _replicas(tmp_path, fake, pg_url, own.url, "ae-test-down:")
+        a, b = make_replicas(tmp_path, fake.base_url, pg_url, own.url, "ae-test-down:")
         token, key_id = a.issue_token()
         _start_both(a, b)
         try:

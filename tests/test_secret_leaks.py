@@ -79,17 +79,33 @@ def test_no_canary_in_any_sink_on_any_path(tmp_path: Path, fake: FakeProvider) -
         p for p in (str(plugins), gw.env.get("PYTHONPATH")) if p)
     gw.start()
     fake.tool_calls = 0
-    good, _ = gw.issue_token()
-    revoked, revoked_id = gw.issue_token(user="mallory")
-    broke, _ = gw.issue_token(user="pat", team="broke")
-    narrow = json.loads(gw.cli("token", "issue", "--user", "nina", "--team", "payments",
-                               "--org", "acme", "--model", "gpt-4*", "--format", "json"
-                               ).stdout)["token"]
-    pasted, _ = gw.issue_token(user="quinn")  # a developer pastes a token into a prompt
+    good, _ = gw.issue_token()  # the CLI (root) makes acme/payments/alice
     admin = json.loads(gw.cli("admin-token", "issue", "--role", "org-admin", "--org", "acme",
                               "--format", "json").stdout)["token"]
+
+    def admin_api(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """The other tokens come from the gateway's admin API: its (debug) log and audit
+        see them too, and it spares a CLI process start (~1 s) per token."""
+        r = httpx.request(method, f"{gw.admin_url}/v1{path}", json=body, timeout=30,
+                          headers={"authorization": f"Bearer {admin}"})
+        assert r.status_code in (200, 201), (path, r.status_code, r.text)
+        return r.json()
+
+    (payments,) = admin_api("GET", "/teams")  # made with alice by the CLI above
+    teams = {"payments": payments["id"], "broke": admin_api(
+        "POST", f"/orgs/{payments['org_id']}/teams", {"name": "broke"})["id"]}
+
+    def issue(user: str, team: str = "payments", **scope: Any) -> tuple[str, str]:
+        user_id = admin_api("POST", f"/teams/{teams[team]}/users", {"name": user})["id"]
+        out = admin_api("POST", f"/users/{user_id}/keys", {"ttl_days": 30, **scope})
+        return out["token"], out["key"]["id"]
+
+    revoked, revoked_id = issue("mallory")
+    broke, _ = issue("pat", team="broke")
+    narrow, _ = issue("nina", models=["gpt-4*"])
+    pasted, _ = issue("quinn")  # a developer pastes a token into a prompt
     never_issued = tokens.generate_token()
-    gw.cli("token", "revoke", revoked_id)
+    admin_api("POST", f"/keys/{revoked_id}/revoke")
     answers: list[str] = []
 
     def call(path: str, body: Any, headers: dict[str, str], expect: int | None = None,
@@ -219,18 +235,48 @@ def test_vault_ca_key_and_state_dir_are_private(tmp_path: Path, fake: FakeProvid
     assert mode((home / "mitmproxy").stat().st_mode) == 0o700
 
 
-@pytest.mark.parametrize("loose", [0o755, 0o750, 0o701, 0o770, 0o707])
-def test_gateway_refuses_a_state_dir_others_can_use(tmp_path: Path, fake: FakeProvider,
-                                                    loose: int) -> None:
+LOOSE_MODES = (0o755, 0o750, 0o701, 0o770, 0o707)
+
+
+def _who(mode: int) -> str:
+    return " and ".join(w for w, bits in (("group", 0o070), ("others", 0o007)) if mode & bits)
+
+
+def test_gateway_refuses_a_state_dir_others_can_use(tmp_path: Path,
+                                                    fake: FakeProvider) -> None:
+    """End to end, for the commonest loose mode (umask 022): `agent-egress run` refuses,
+    with the very message of state_dir.ensure_private (the first thing gateway.start
+    does; every loose mode goes through it below), and starts once the fix is applied."""
+    from agent_egress.addon.state_dir import StateDirError, ensure_private
     gw = make_gateway(tmp_path, fake.base_url)  # vault set: the home holds secrets now
-    gw.home.chmod(loose)
+    gw.home.chmod(0o755)
     res = subprocess.run([AGENT_EGRESS, "run"], env=gw.env, capture_output=True, text=True,
                          timeout=60)
     assert res.returncode == 2, res.stderr
     assert f"chmod 700 {gw.home}" in res.stderr and "accessible by" in res.stderr, res.stderr
+    with pytest.raises(StateDirError) as refused:
+        ensure_private(gw.home)
+    assert f"agent-egress: {refused.value}" in res.stderr, res.stderr
     gw.home.chmod(0o700)
     gw.start()  # the fix named is the fix
     gw.stop()
+
+
+@pytest.mark.parametrize("loose", LOOSE_MODES)
+def test_every_loose_mode_is_refused_naming_the_fix(tmp_path: Path, loose: int) -> None:
+    """The check `agent-egress run` makes (above), for each way others can get in."""
+    from agent_egress.addon.state_dir import StateDirError, ensure_private
+    home = tmp_path / "egress-home"
+    home.mkdir(mode=0o700)
+    home.chmod(loose)
+    with pytest.raises(StateDirError) as refused:
+        ensure_private(home)
+    message = str(refused.value)
+    assert f"accessible by {_who(loose)} (mode {loose:o})" in message, message
+    assert message.endswith(f"Fix: chmod 700 {home}"), message
+    home.chmod(0o700)
+    ensure_private(home)  # the fix named is the fix
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
 
 
 def test_a_missing_state_dir_is_created_private(tmp_path: Path) -> None:

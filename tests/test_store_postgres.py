@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from importlib import resources
 from pathlib import Path
 
 import psycopg
@@ -23,7 +24,13 @@ import services
 from sqlalchemy import inspect, text
 
 from agent_egress.addon.store.base import LedgerRow, Store
-from agent_egress.addon.store.sql import SQLStore, make_engine, open_store, run_migrations
+from agent_egress.addon.store.sql import (
+    HEAD_REVISION,
+    SQLStore,
+    make_engine,
+    open_store,
+    run_migrations,
+)
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 
@@ -214,6 +221,17 @@ def test_migrations_are_idempotent(db_url: str) -> None:
     third = open_store(db_url)  # data survives re-running migrations
     assert [k.id for k in third.list_keys()] == ["key_a"]
     third.close()
+
+
+def test_head_revision_is_alembics_head() -> None:
+    """A store at HEAD_REVISION skips Alembic on open: it must be the real head."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(
+        resources.files("agent_egress.addon.store") / "migrations"))
+    assert ScriptDirectory.from_config(cfg).get_heads() == [HEAD_REVISION]
 
 
 def test_replicas_starting_together_migrate_once(db_url: str) -> None:

@@ -25,11 +25,9 @@ from pydantic import BaseModel, Field, ValidationError
 
 from agent_egress.addon.vault import (
     MASTER_KEY_ENV,
-    AwsSecretsManagerVault,
     AwsVaultSpec,
     FileVault,
     FileVaultSpec,
-    HashiCorpVault,
     HashiCorpVaultSpec,
     SecretInfo,
     SecretNotFound,
@@ -42,6 +40,8 @@ from agent_egress.addon.vault import (
     open_vault,
     parse_vault_spec,
 )
+from agent_egress.addon.vault.aws import AwsSecretsManagerVault
+from agent_egress.addon.vault.hashicorp import HashiCorpVault
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kv2_server import KV2Server
