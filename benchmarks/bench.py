@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import signal
 import statistics
@@ -39,6 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_fidelity
+import bench_targets
 from bench_lib import (  # noqa: F401 (guardrails_bench imports some from here)
     EVENTS_PER_STREAM,
     HOST,
@@ -334,12 +336,14 @@ async def amain(args: argparse.Namespace) -> int:
     if "direct" not in names:
         names.insert(0, "direct")  # the fidelity reference and the latency floor
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    bench_targets.EXTRA_CONFIG.update(json.loads(args.egress_config or "{}"))
     other, waited = await wait_idle(args)
     t_start = time.monotonic()
     results: dict[str, Any] = {
         "machine": machine_info(), "plan": {**asdict(plan), "quick": args.quick},
         "client": "raw asyncio streams, HTTP/1.1 keep-alive, one connection per worker, "
                   "closed loop", "litellm_workers": args.litellm_workers,
+        "egress_config": bench_targets.EXTRA_CONFIG,
         "other_cpu_pct_before": round(other, 1), "waited_for_idle_s": round(waited, 1)}
     with tempfile.TemporaryDirectory(prefix="agent-egress-bench-") as tmp:
         procs = Procs(Path(tmp))
@@ -390,7 +394,6 @@ async def amain(args: argparse.Namespace) -> int:
     print(f"\n(run took {results['elapsed_s']:.0f} s, plus {waited:.0f} s checking that the"
           " machine is idle)")
     if args.json:
-        import json
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         log(f"raw results: {args.json}")
     return 0
@@ -416,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                    help="before starting, wait up to this long for other processes to go"
                         " quiet (under 20%% of a core)")
+    p.add_argument("--egress-config", metavar="JSON",
+                   help="merged into agent-egress's config.yaml (top-level keys), e.g."
+                        """ '{"guardrails": {"default": {"pii": {"enabled": false}}}}'""")
     p.add_argument("--plain-concurrency", type=int, default=16,
                    help="concurrency of the non-streaming phase (16)")
     p.add_argument("--plain-duration", type=float, default=5.0,

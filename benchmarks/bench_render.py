@@ -3,6 +3,7 @@ the issue's goals as ratios, stream fidelity, capacity and scale-out."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -225,7 +226,9 @@ def render(results: dict[str, Any]) -> str:
     lines = [
         f"Date: {m['date']}. Machine: {m['nproc']} cores, {m['cpu_model']}, Linux "
         f"{m['kernel']}; Python {m['python']}, mitmproxy {m['mitmproxy']}; commit "
-        f"{m['commit']}; LiteLLM workers: {results['litellm_workers']}.",
+        f"{m['commit']}; LiteLLM workers: {results['litellm_workers']}."
+        + (f" agent-egress config added: `{json.dumps(results['egress_config'])}`."
+           if results.get("egress_config") else ""),
         f"Streams: {EVENTS_PER_STREAM} SSE events each, back to back; levels {plan['levels']} "
         f"(streams per target over all repeats: {counts}); non-streaming: "
         f"c={plan['plain_concurrency']} for {plan['plain_duration_s']:g} s; {plan['repeat']} "
@@ -238,8 +241,8 @@ def render(results: dict[str, Any]) -> str:
     if "ledger_calls" in results:
         lines.append(f"agent-egress ledger: {results['ledger_calls']} rows for "
                      f"{results['egress_calls_sent']} calls sent (warm-ups included).")
-    lines.append(f"Other processes' CPU before the run: {results['other_cpu_pct_before']:.0f}%"
-                 " of one core.")
+    before = max(0.0, results["other_cpu_pct_before"])  # ticks can make it a hair below 0
+    lines.append(f"Other processes' CPU before the run: {before:.0f}% of one core.")
     busy = [f"{t}/{k}" for t, ph in lv.items() for k, p in ph.items()
             if p.get("other_cpu_pct", {}).get("max", 0) > 20]
     if busy:

@@ -21,6 +21,8 @@ LITELLM_VERSION = "1.106.12"
 """Pinned: 1.110.2 and 1.108.14 did not install (their ``[proxy]`` extra pins
 litellm-proxy / litellm-proxy-extras builds the index lacked); this one did."""
 PROVIDER_KEY = "sk-bench-key"
+EXTRA_CONFIG: dict[str, object] = {}
+"""Merged into every agent-egress config.yaml (``bench.py --egress-config``)."""
 
 
 @dataclass
@@ -86,6 +88,7 @@ def prepare_egress(procs: Procs, fake_port: int, name: str, *, database_url: str
                        "base_url": f"http://{HOST}:{fake_port}/v1", "key": "openai"}],
         "log_level": "warning",
     }
+    cfg.update(EXTRA_CONFIG)
     if database_url:
         cfg["database_url"] = database_url
     if redis_url:
