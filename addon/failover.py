@@ -427,6 +427,8 @@ class FailoverErrors:
             return  # the client went away: not the provider's fault
         if a.cut_reason is None and mitm_internals.CLOSED_BY in flow.metadata:
             return  # the gateway stopped the stream itself (guardrail, budget cut-off)
+        if call.reader is not None and call.reader.summary.finished:
+            return  # the answer was whole before the upstream went: nothing to retry
         if a.headers_at is None:
             reason = a.cut_reason or ("connect_error" if flow.server_conn.timestamp_tcp_setup
                                       is None else "closed_before_headers")

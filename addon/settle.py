@@ -46,7 +46,7 @@ def outcome_of(call: Call, estimated: bool) -> str:
         return "failover"  # the client was told to retry; the retry went elsewhere
     if call.error == "budget_cutoff":
         return "budget_cutoff"
-    if call.error is not None:
+    if call.error is not None and not (call.summary is not None and call.summary.finished):
         return "upstream_unreachable" if call.status_code is None else "stream_error"
     if call.status_code is None or call.status_code >= 400:
         return "upstream_error"

@@ -116,6 +116,15 @@ class Gateway:
         finally:
             store.close()
 
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of ``name``'s series on /metrics whose labels include ``labels``."""
+        total = 0.0
+        for line in httpx.get(f"{self.admin_url}/metrics", timeout=5).text.splitlines():
+            if line.startswith((name + "{", name + " ")) and all(
+                    f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
     def wait_ledger(self, n: int, timeout: float = 10) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
         rows: list[dict[str, Any]] = []

@@ -35,8 +35,9 @@ Knobs (plain attributes, settable between requests from any thread): ``answer_te
 ``compaction_summary``, ``extra_headers``. ``fail_next``, ``cut_stream_after`` and
 ``event_delay`` apply to every model endpoint. Failover knobs: ``hang_before_headers``
 (seconds before answering), ``hang_mid_stream_after`` + ``hang_mid_stream`` (a pause
-after N events), ``chat_only`` (``/responses*`` answer 404, like a Chat-only server)
-and ``chat_tool_calls`` (``/chat/completions`` runs the same shell-tool loop).
+after N events), ``linger_after_last`` (a pause before the body ends), ``chat_only``
+(``/responses*`` answer 404, like a Chat-only server) and ``chat_tool_calls``
+(``/chat/completions`` runs the same shell-tool loop).
 
 Standalone (benchmarks): ``python tests/fakeprovider.py --port N`` prints the base URL
 on stdout once it accepts connections, then serves until SIGINT/SIGTERM.
@@ -252,6 +253,7 @@ class FakeProvider:
         self.hang_before_headers = 0.0  # seconds a model endpoint waits before answering
         self.hang_mid_stream_after: int | None = None  # events sent before a mid-stream pause
         self.hang_mid_stream = 0.0  # seconds of that pause
+        self.linger_after_last = 0.0  # seconds between the last event and the body's end
         self.chat_only = False  # /responses and /responses/compact answer 404 (Chat only)
         self.chat_tool_calls = False  # /chat/completions runs the shell-tool loop too
 
@@ -410,6 +412,8 @@ class FakeProvider:
             if i and delay > 0:
                 await asyncio.sleep(delay)
             yield ev
+        if self.linger_after_last > 0:
+            await asyncio.sleep(self.linger_after_last)
 
     async def _before_answer(self, rec: RecordedRequest) -> Response | None:
         """Failover knobs: a Chat-only server's 404, or a wait before the headers."""

@@ -47,14 +47,6 @@ def _post(gw: Gateway, token: str, client: httpx.Client | None = None,
                 headers={"authorization": f"Bearer {token}"}, timeout=30)
 
 
-def _metric(gw: Gateway, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in httpx.get(f"{gw.admin_url}/metrics", timeout=5).text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
-
 
 def _codex_text(res: subprocess.CompletedProcess[str]) -> str:
     return res.stdout + res.stderr
@@ -78,7 +70,7 @@ def test_codex_shows_the_spent_budget_and_does_not_retry(tmp_path: Path,
         assert "spent $0.0250 of $0.0200" in out and "resets at" in out, out
         assert len(fake.requests) == served, "a refused call reached the provider"
         # Final, not transient: Codex showed it after one request, no retry loop.
-        assert _metric(gw, "agent_egress_refusals_total", rule="budget_exceeded") == 1
+        assert gw.metric("agent_egress_refusals_total", rule="budget_exceeded") == 1
         assert {r["agent"] for r in gw.ledger()} == {"codex"}  # finance splits by agent
         by_agent = json.loads(gw.cli("spend", "--by", "agent", "--format", "json").stdout)
         assert [(a["agent"], a["calls"]) for a in by_agent] == [("codex", 2)]
@@ -103,7 +95,7 @@ def test_codex_waits_out_a_429_and_completes(tmp_path: Path, fake: FakeProvider)
         res = run_codex(tmp_path, gw.base_url, token, "run the tool", timeout=90)
         hog.join(30)
         assert res.returncode == 0, _codex_text(res)
-        assert _metric(gw, "agent_egress_refusals_total", rule="rate_limited") >= 1
+        assert gw.metric("agent_egress_refusals_total", rule="rate_limited") >= 1
     finally:
         gw.stop()
 
@@ -159,7 +151,7 @@ def test_budget_cli_and_api_for_users_and_keys(tmp_path: Path, fake: FakeProvide
         # the gauges carry the same numbers (refreshed every 2 s)
         spent = by_scope[f"key:{key_id}"]["spent_tokens"]
         deadline = time.monotonic() + 6
-        while _metric(gw, "agent_egress_budget_spent_tokens", scope=f"key:{key_id}") != spent:
+        while gw.metric("agent_egress_budget_spent_tokens", scope=f"key:{key_id}") != spent:
             assert time.monotonic() < deadline, "the budget gauge never caught up"
             time.sleep(0.2)
         table = gw.cli("budget", "status", "--scope", "team:acme/payments").stdout
@@ -308,7 +300,7 @@ def test_redis_down_fails_closed_or_open_as_configured(tmp_path: Path,
                 # counted in-process: the budget still holds (3 calls of 0.0125 > 0.03)
                 codes = [r.status_code] + [_post(gw, token).status_code for _ in range(3)]
                 assert codes == [200, 200, 200, 400], codes
-                assert _metric(gw, "agent_egress_limits_degraded") == 1
+                assert gw.metric("agent_egress_limits_degraded") == 1
         finally:
             assert gw.stop() == 0
         assert "Traceback" not in gw.logs()

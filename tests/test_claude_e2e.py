@@ -10,7 +10,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from conftest import ROOT, Gateway, make_gateway, run_codex
 from fakeanthropic import DEFAULT_ANSWER, FakeAnthropic
@@ -77,14 +76,6 @@ def result_of(res: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     return results[-1]
 
 
-def metric(gw: Gateway, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in httpx.get(f"{gw.admin_url}/metrics", timeout=5).text.splitlines():
-        if line.startswith((name + "{", name + " ")) and all(
-                f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
 
 def test_claude_code_runs_a_bash_tool_through_the_gateway(
         tmp_path: Path, fake: FakeProvider, fake_anthropic: FakeAnthropic) -> None:
@@ -101,7 +92,7 @@ def test_claude_code_runs_a_bash_tool_through_the_gateway(
         res2 = run_claude(tmp_path, gw, token, "again", api_key=True)  # ANTHROPIC_API_KEY
         assert res2.returncode == 0 and result_of(res2)["result"] == DEFAULT_ANSWER
         rows = gw.wait_ledger(4)
-        assert metric(gw, "agent_egress_model_calls_total", agent="claude-code") == 4
+        assert gw.metric("agent_egress_model_calls_total", agent="claude-code") == 4
         assert gw.stop() == 0  # the bounded flush exports the open turns
     finally:
         gw.stop()
@@ -190,7 +181,7 @@ def test_a_bad_token_is_shown_by_claude_code_not_retried(
         assert out["is_error"] is True
         assert "agent-egress: the credential sent is not an agent-egress gateway token" in (
             out["result"]), out
-        assert metric(gw, "agent_egress_refusals_total", rule="token_malformed") == 1
+        assert gw.metric("agent_egress_refusals_total", rule="token_malformed") == 1
         assert fake_anthropic.requests == []
     finally:
         gw.stop()
@@ -222,7 +213,7 @@ def test_spent_budget_is_shown_once_without_a_retry_storm(
         assert out["result"].count(message) == 1
         assert fake_anthropic.requests == []  # nothing reached the provider
         # Final: Claude Code sent one request and showed it (no retry storm).
-        assert metric(gw, "agent_egress_refusals_total", rule="budget_exceeded") == 1
+        assert gw.metric("agent_egress_refusals_total", rule="budget_exceeded") == 1
     finally:
         gw.stop()
 

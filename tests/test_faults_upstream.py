@@ -135,6 +135,63 @@ def test_stream_stalled_mid_way_is_cut_recorded_partial_and_settled(env: Any) ->
     _settled(gw)
 
 
+def _read_to_completed(gw: Gateway, token: str) -> tuple[str, bytes]:
+    """Read a stream the way Codex does: up to ``response.completed``, then hang up."""
+    with httpx.stream("POST", f"{gw.base_url}/responses", timeout=30,
+                      headers={"authorization": f"Bearer {token}"},
+                      json={"model": "gpt-5.5", "input": "hi", "stream": True}) as r:
+        assert r.status_code == 200
+        body = b""
+        for chunk in r.iter_bytes():
+            body += chunk
+            if b"event: response.completed" in body:
+                break
+        return r.headers["x-egress-request-id"], body
+
+
+def test_client_hanging_up_after_the_last_event_is_a_served_call(env: Any) -> None:
+    """Codex closes once it has read ``response.completed``; the upstream's end of body
+    may come later. The answer was whole: an ``ok`` row with the provider's usage."""
+    gw, fake, _, token = env
+    fake.reset()
+    fake.tool_calls = 0
+    fake.linger_after_last = 3.0  # the body ends well after the client has gone
+    cuts = gw.metric("agent_egress_stream_cuts_total", provider="fake")
+    rid, body = _read_to_completed(gw, token)
+    row = _row(gw, rid)
+    fake.reset()
+    assert b'"usage"' in body
+    assert row["outcome"] == "ok" and not row["usage_estimated"], row
+    assert row["error_code"] is None and row["cost_usd"] > 0
+    assert gw.metric("agent_egress_stream_cuts_total", provider="fake") == cuts
+    _settled(gw)
+
+
+def test_upstream_stalling_after_the_last_event_is_not_a_cut(env: Any) -> None:
+    """The provider sent ``response.completed`` and then went silent until the idle
+    timeout dropped it: the client already has the whole answer, so neither a stream cut
+    nor a failed call (the client will not retry it)."""
+    gw, fake, _, token = env
+    fake.reset()
+    fake.tool_calls = 0
+    fake.linger_after_last = 3.0  # idle timeout is 1 s
+    cuts = gw.metric("agent_egress_stream_cuts_total", provider="fake")
+    with httpx.stream("POST", f"{gw.base_url}/responses", timeout=30,
+                      headers={"authorization": f"Bearer {token}"},
+                      json={"model": "gpt-5.5", "input": "hi", "stream": True}) as r:
+        rid = r.headers["x-egress-request-id"]
+        body = b""
+        with pytest.raises(httpx.RemoteProtocolError):  # the gateway dropped the upstream
+            for chunk in r.iter_bytes():
+                body += chunk
+    row = _row(gw, rid)
+    fake.reset()
+    assert b"event: response.completed" in body
+    assert row["outcome"] == "ok" and not row["usage_estimated"], row
+    assert gw.metric("agent_egress_stream_cuts_total", provider="fake") == cuts
+    _settled(gw)
+
+
 def test_garbage_sse_is_passed_on_and_charged_an_estimate_never_zero(env: Any) -> None:
     gw, _, mis, token = env
     mis.mode = "garbage"

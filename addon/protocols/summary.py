@@ -30,6 +30,16 @@ class ResponseSummary:
     oversized_events: int = 0
     """Events dropped unread because they exceeded the scanner's size bound."""
 
+    @property
+    def finished(self) -> bool:
+        """The provider reported usage and an end state: the answer is whole.
+
+        A connection lost after this (Codex hangs up once it has read
+        ``response.completed``, sometimes before the body's last chunk) neither cut the
+        stream nor failed the call, and the client will not retry it.
+        """
+        return self.usage is not None and self.status not in (None, "in_progress")
+
 
 class BadRequest(ValueError):
     """A client mistake we answer ourselves, in the API's own error format.
