@@ -23,7 +23,6 @@ from services import fresh_database
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-from test_claude_e2e import metric
 from tlsfake import Pki, make_pki
 
 from agent_egress.addon.protocols.chatgpt_login import (
@@ -218,7 +217,7 @@ def test_refuse_shows_our_message_and_bootstrap_calls_pass(env: Env) -> None:
     assert "codex login --with-api-key" in err["message"]
     assert JWT not in r.text and env.tokens["acme"][0] not in r.text
     assert len(env.gw.wait_ledger(before, timeout=1)) == before  # no row for a refusal
-    assert metric(env.gw, "agent_egress_refusals_total", rule="chatgpt_login_refused") == 1
+    assert env.gw.metric("agent_egress_refusals_total", rule="chatgpt_login_refused") == 1
 
 
 def test_meter_without_a_gateway_token_attributes_to_the_jwt_identity(env: Env) -> None:
@@ -248,10 +247,10 @@ def test_meter_without_a_gateway_token_attributes_to_the_jwt_identity(env: Env) 
     assert JWT.split(".")[1] not in env.gw.logs()
     # counted like other calls, but its equivalent USD stays out of the cost counter
     # that the budget burn-rate alerts read
-    assert metric(env.gw, "agent_egress_model_calls_total", provider="chatgpt",
+    assert env.gw.metric("agent_egress_model_calls_total", provider="chatgpt",
                   api="chatgpt.codex") >= 1
-    assert metric(env.gw, "agent_egress_tokens_total", provider="chatgpt") > 0
-    assert metric(env.gw, "agent_egress_cost_usd_total", provider="chatgpt") == 0
+    assert env.gw.metric("agent_egress_tokens_total", provider="chatgpt") > 0
+    assert env.gw.metric("agent_egress_cost_usd_total", provider="chatgpt") == 0
 
 
 def test_meter_sends_a_websocket_upgrade_back_to_http(env: Env) -> None:

@@ -42,7 +42,6 @@ from conftest import PROVIDER_KEY, Gateway, make_gateway, run_codex
 from fakeprovider import DEFAULT_ANSWER
 from fakews import FakeWSProvider
 from otlp_receiver import OTLPReceiver
-from test_claude_e2e import metric
 from tlsfake import make_pki
 
 from agent_egress.addon.classify import classify_path
@@ -241,7 +240,7 @@ def test_codex_prompt_with_aws_key_is_blocked_over_websocket(
         assert [m.kind for m in fakews.ws_messages()] == ["prewarm"]  # the turn never left
         assert not [r for r in fakews.requests if AWS in r.body.decode(errors="replace")]
         assert AWS not in gw.logs()
-        assert metric(gw, "agent_egress_refusals_total", rule="guardrail_blocked") == 1
+        assert gw.metric("agent_egress_refusals_total", rule="guardrail_blocked") == 1
         assert [r["outcome"] for r in gw.ledger()] == ["ok"]  # the warm-up only
     finally:
         gw.stop()
@@ -265,7 +264,7 @@ def test_codex_shows_a_spent_budget_once_over_websocket(tmp_path: Path,
         assert "spent $0.0250 of $0.0200" in out
         # only the warm-up (no output asked for) reached the provider; no retry loop
         assert [m.kind for m in fakews.ws_messages()[served:]] == ["prewarm"]
-        assert metric(gw, "agent_egress_refusals_total", rule="budget_exceeded") == 1
+        assert gw.metric("agent_egress_refusals_total", rule="budget_exceeded") == 1
     finally:
         gw.stop()
 
@@ -306,7 +305,7 @@ def test_codex_output_blocked_mid_stream_over_websocket(tmp_path: Path,
                 " secrets.aws_access_key (action block)") in out, out[-2000:]
         assert "Reconnecting" not in out and AWS not in out
         assert [m.kind for m in fakews.ws_messages()] == ["prewarm", "answer"]
-        assert metric(gw, "agent_egress_refusals_total", rule="guardrail_blocked") == 1
+        assert gw.metric("agent_egress_refusals_total", rule="guardrail_blocked") == 1
         rows = sorted(gw.wait_ledger(2), key=lambda r: r["ts"])
         assert len(rows) == 2 and rows[1]["output_tokens"] == 50  # metered to the end
     finally:
@@ -330,6 +329,6 @@ def test_provider_without_websockets_makes_codex_fall_back_to_http(
         assert posts[-2:] == ["tool_call", "answer"]
         rows = gw.wait_ledger(len(posts))
         assert {r["api"] for r in rows} == {"openai.responses"}
-        assert metric(gw, "agent_egress_refusals_total", rule="provider_not_allowed") >= 1
+        assert gw.metric("agent_egress_refusals_total", rule="provider_not_allowed") >= 1
     finally:
         gw.stop()
