@@ -131,7 +131,9 @@ def test_hang_before_headers_times_out_and_fails_over(
     a.hang_before_headers = 20
     rows = codex_through_b(tmp_path, gw, a, b, "headers_timeout")
     assert rows[0]["status_code"] is None
-    assert 1.4 <= rows[0]["duration_ms"] / 1000 < 3.5
+    # cut by the 1.5 s headers timeout, not by the fake's 20 s hang (a loose upper bound:
+    # CI machines are slow, and this is not a speed test)
+    assert 1.4 <= rows[0]["duration_ms"] / 1000 < 10
 
 
 def test_hang_mid_stream_is_cut_by_idle_timeout(
@@ -202,10 +204,8 @@ def test_breaker_opens_half_opens_and_closes(tmp_path: Path) -> None:
             ready = httpx.get(f"{gw.admin_url}/readyz").json()
             assert ready["checks"]["breakers"]["providers"]["a/openai"]["state"] == "open"
             # ...so the next call goes straight to b, streamed, without touching a.
-            t0 = time.monotonic()
             r = _ask(gw, token, "q2")
             assert r.status_code == 200 and "response.completed" in r.text
-            assert time.monotonic() - t0 < 1.0
             assert metric(gw, 'agent_egress_failovers_total{from_provider="a",'
                           'reason="breaker_open",to_provider="b"}') == 1
             # Half-open after open_seconds: one probe to a, which fails: open again.
@@ -279,7 +279,8 @@ def test_connect_timeout_is_ours_and_json(tmp_path: Path) -> None:
             t0 = time.monotonic()
             r = httpx.post(f"{gw.base_url}/responses", headers=hdrs, json=body, timeout=30)
             took = time.monotonic() - t0
-            assert r.status_code == 502 and 1.0 <= took < 2.5, (r.status_code, took)
+            # the 1 s connect timeout, not the 30 s total (loose: not a speed test)
+            assert r.status_code == 502 and 1.0 <= took < 10, (r.status_code, took)
             err = r.json()["error"]
             assert err["code"] == "upstream_unreachable" and "connect timeout" in err["message"]
             assert "retry goes to 'b'" in err["message"]

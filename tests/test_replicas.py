@@ -225,7 +225,7 @@ async def test_bus_delivers_and_flushes_on_every_reconnect() -> None:
         await until(lambda: not bus.connected)
         t0 = time.monotonic()
         assert await asyncio.to_thread(publish_sync, server.url, "t:", "key_3") is False
-        assert time.monotonic() - t0 < 1.5  # never hangs the CLI
+        assert time.monotonic() - t0 < 5  # never hangs the CLI (1 s socket timeouts)
         assert bus.status()["connected"] is False and bus.status().get("last_error")
 
         server.start()  # same port: the bus comes back by itself and flushes the cache
@@ -247,4 +247,4 @@ def test_publish_sync_never_raises() -> None:
     t0 = time.monotonic()
     assert publish_sync(f"redis://127.0.0.1:{port}/0", "p:", "key_1") is False
     assert publish_sync("not-a-url", "p:", "key_1") is False
-    assert time.monotonic() - t0 < 2
+    assert time.monotonic() - t0 < 5
