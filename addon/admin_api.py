@@ -6,6 +6,7 @@ pool, so store calls never block the gateway's event loop.
 """
 
 
+import re
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
@@ -13,7 +14,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import tokens
@@ -21,6 +22,20 @@ from .identity import Actor, Identity, IdentityError, Unauthenticated
 from .store.base import AdminTokenRecord, Entity, KeyRecord, Role, SpendRow
 
 MAX_TTL_DAYS = 36_500  # 100 years; more overflows datetime (found by the schemathesis fuzz)
+
+
+_NUMBER = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
+
+
+def _iso_8601(value: object) -> object:
+    """The document promises ISO 8601: pydantic alone would also read ``since=5`` as Unix
+    time (1970), a silent and surprising answer to a typo; refused instead (422)."""
+    if isinstance(value, str | int | float) and _NUMBER.fullmatch(str(value)):
+        raise ValueError("expected an ISO 8601 date or date-time, e.g. 2026-11-01T00:00:00Z")
+    return value
+
+
+IsoTime = Annotated[datetime, BeforeValidator(_iso_8601)]
 
 
 class _Body(BaseModel):
@@ -242,8 +257,8 @@ def install(app: FastAPI, identity: Identity,
     def spend(who: Who,
               by: Annotated[str, Query(description="team, user, model, org, key, provider"
                                              " or tag:<name>")] = "team",
-              since: Annotated[datetime | None, Query()] = None,
-              until: Annotated[datetime | None, Query()] = None) -> list[dict[str, Any]]:
+              since: Annotated[IsoTime | None, Query()] = None,
+              until: Annotated[IsoTime | None, Query()] = None) -> list[dict[str, Any]]:
         return [spend_json(by, row) for row in identity.spend(who, by, since, until)]
 
     app.include_router(r)

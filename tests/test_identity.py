@@ -199,6 +199,13 @@ def test_bad_admin_input_is_a_clear_4xx_and_changes_nothing(gateway: Gateway,
     r = api(gw, admin, "GET", "/keys/key_nope")
     assert r.status_code == 404
     assert api(gw, admin, "GET", "/teams").json() == before
+    # spend windows are ISO 8601 as documented: a bare number is not read as Unix time
+    assert api(gw, admin, "GET", "/spend?since=2026-11-01").status_code == 200
+    assert api(gw, admin, "GET", "/spend?since=2026-11-01T00:00:00Z&until=2026-12-01"
+               ).status_code == 200
+    for bad in ("since=5", "until=1732500000", "since=5.5e-247", "since=yesterday"):
+        r = api(gw, admin, "GET", f"/spend?{bad}")
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid", (bad, r.text)
     spec = httpx.get(f"{gw.admin_url}/openapi.json").json()
     assert {"/v1/orgs", "/v1/users/{user_id}/keys", "/v1/keys/{key_id}/rotate",
             "/v1/admin-tokens", "/v1/spend"} <= set(spec["paths"])
