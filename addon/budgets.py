@@ -236,7 +236,7 @@ class Budgets:
                 log.exception("budget refresh failed")
             await asyncio.sleep(every)
 
-    async def close(self) -> None:
-        await self.drain()
+    async def close(self, wait_seconds: float = 5.0) -> None:
+        await self.drain(wait_seconds)
         await self.limiter.close()
 

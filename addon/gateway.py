@@ -188,14 +188,22 @@ class Gateway:
             await self._master_task
         if self._budget_task is not None:
             self._budget_task.cancel()
-        if self.budgets is not None:
-            await self.budgets.close()  # settles still in flight, before the audit closes
-        await self.writer.close()
-        await self.audit.close()
+        # One budget for every flush (shutdown.flush_seconds), so a database that is down
+        # cannot stretch the exit past the orchestrator's grace period and a SIGKILL; the
+        # local writers (audit file, trace queue) get a floor of 1 s each.
+        deadline = time.monotonic() + self.settings.shutdown.flush_seconds
+
+        def left(floor: float = 0.0) -> float:
+            return max(floor, deadline - time.monotonic())
+
+        if self.budgets is not None:  # settles still in flight, before the audit closes;
+            await self.budgets.close(min(5.0, left() / 2))  # their spend is in the ledger
+        await self.writer.close(left())  # what it cannot write is spooled
+        await self.audit.close(left(1.0))
         if self.telemetry is not None:
-            await self.telemetry.close()  # queued calls traced, turns ended in Redis
-        if self.tracer is not None:
-            await asyncio.to_thread(self.tracer.shutdown, 5000)  # ends open turns; bounded flush
+            await self.telemetry.close(left(1.0))  # queued calls traced, turns ended in Redis
+        if self.tracer is not None:  # ends open turns; bounded flush
+            await asyncio.to_thread(self.tracer.shutdown, int(left(1.0) * 1000))
         await self.keyring.stop()
         await self.keys.stop()
         if self.failover is not None:

@@ -212,6 +212,10 @@ class Limits(_Strict):
 class Shutdown(_Strict):
     drain_seconds: float = Field(default=30.0, ge=0)
     """How long SIGTERM waits for in-flight streams before closing them."""
+    flush_seconds: float = Field(default=10.0, ge=0)
+    """Then how long the ledger, budget settles, audit and traces get to reach their
+    stores; ledger rows still unwritten are spooled to disk (never lost). The process
+    exits within drain + flush + about 3 s: give the orchestrator's grace period more."""
 
 
 class AbuseSettings(_Strict):

@@ -311,7 +311,7 @@ def test_postgres_down_spools_the_ledger_and_replays_it(tmp_path: Path,
     pg = services.PostgresServer(services.postgres_bindir() or Path("/nonexistent")).start()
     try:
         gw = make_gateway(tmp_path, fake.base_url, database_url=pg.url,
-                          shutdown={"drain_seconds": 2})
+                          shutdown={"drain_seconds": 2, "flush_seconds": 2})
         # issued before the start: the key cache, cleared when the store's keys change
         # (seen by a 0.25 s poll), then keeps the key the first call caches
         token, key_id = gw.issue_token()

@@ -114,6 +114,17 @@ def test_gateway_config_validates(tmp_path: Path) -> None:
     assert monthly, "the example config should show a monthly budget (burn-rate alerts)"
 
 
+def test_stop_grace_period_covers_drain_and_flush(tmp_path: Path) -> None:
+    """Docker's default 10 s would SIGKILL the gateway mid-drain, before the ledger flush."""
+    gw = SERVICES["gateway"]
+    cfg = mounts("gateway")[gw["environment"]["AGENT_EGRESS_CONFIG"]]
+    s = load_settings(ROOT / cfg, environ={"AGENT_EGRESS_HOME": str(tmp_path)})
+    m = re.fullmatch(r"(?:(\d+)m)?(?:(\d+)s)?", gw["stop_grace_period"])
+    assert m and any(m.groups()), gw["stop_grace_period"]
+    grace = int(m[1] or 0) * 60 + int(m[2] or 0)
+    assert grace >= s.shutdown.drain_seconds + s.shutdown.flush_seconds + 3, grace
+
+
 def test_configs_point_at_each_other(tmp_path: Path) -> None:
     prom = yaml.safe_load((STACK / "prometheus.yml").read_text())
     targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"]
