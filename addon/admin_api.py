@@ -39,7 +39,8 @@ IsoTime = Annotated[datetime, BeforeValidator(_iso_8601)]
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON types as documented:
+    # lax mode read `true` as 1 and "30" as 30 (found by the fuzz's negative-data check)
 
 
 class NameIn(_Body):

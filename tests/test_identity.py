@@ -199,6 +199,16 @@ def test_bad_admin_input_is_a_clear_4xx_and_changes_nothing(gateway: Gateway,
     r = api(gw, admin, "GET", "/keys/key_nope")
     assert r.status_code == 404
     assert api(gw, admin, "GET", "/teams").json() == before
+    # JSON types as documented, not coerced: `true` is no number, "30" no integer
+    key_id = api(gw, admin, "POST", f"/users/{ids['alice']}/keys", {}).json()["key"]["id"]
+    for path, body in ((f"/keys/{key_id}/rotate", {"grace_seconds": True}),
+                       (f"/keys/{key_id}/rotate", {"grace_seconds": "30"}),
+                       (f"/users/{ids['alice']}/keys", {"ttl_days": "30"}),
+                       (f"/keys/{key_id}", {"disabled": 1})):
+        method = "PATCH" if path == f"/keys/{key_id}" else "POST"
+        r = api(gw, admin, method, path, body)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid", (body, r.text)
+    assert api(gw, admin, "GET", f"/keys/{key_id}").json()["state"] == "active"
     # spend windows are ISO 8601 as documented: a bare number is not read as Unix time
     assert api(gw, admin, "GET", "/spend?since=2026-11-01").status_code == 200
     assert api(gw, admin, "GET", "/spend?since=2026-11-01T00:00:00Z&until=2026-12-01"
