@@ -57,6 +57,13 @@ def _post(gw: Gateway, token: str, model: str, stream: bool = True,
                       json={"model": model, "input": "hi", "stream": stream, "store": False})
 
 
+def _stream(gw: Gateway, token: str) -> Any:
+    """A streamed Responses call, read by the caller (``with _stream(...) as r``)."""
+    return httpx.stream("POST", f"{gw.base_url}/responses", timeout=30,
+                        headers={"authorization": f"Bearer {token}"},
+                        json={"model": "gpt-5.5", "input": "hi", "stream": True})
+
+
 def _row(gw: Gateway, request_id: str) -> dict[str, Any]:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -116,9 +123,7 @@ def test_stream_stalled_mid_way_is_cut_recorded_partial_and_settled(env: Any) ->
     fake.tool_calls = 0
     fake.hang_mid_stream_after, fake.hang_mid_stream = 3, 3.0
     t0 = time.monotonic()
-    with httpx.stream("POST", f"{gw.base_url}/responses", timeout=30,
-                      headers={"authorization": f"Bearer {token}"},
-                      json={"model": "gpt-5.5", "input": "hi", "stream": True}) as r:
+    with _stream(gw, token) as r:
         rid = r.headers["x-egress-request-id"]
         body = b""
         with pytest.raises(httpx.RemoteProtocolError):  # cut: no clean end of the body
@@ -137,9 +142,7 @@ def test_stream_stalled_mid_way_is_cut_recorded_partial_and_settled(env: Any) ->
 
 def _read_to_completed(gw: Gateway, token: str) -> tuple[str, bytes]:
     """Read a stream the way Codex does: up to ``response.completed``, then hang up."""
-    with httpx.stream("POST", f"{gw.base_url}/responses", timeout=30,
-                      headers={"authorization": f"Bearer {token}"},
-                      json={"model": "gpt-5.5", "input": "hi", "stream": True}) as r:
+    with _stream(gw, token) as r:
         assert r.status_code == 200
         body = b""
         for chunk in r.iter_bytes():
@@ -176,9 +179,7 @@ def test_upstream_stalling_after_the_last_event_is_not_a_cut(env: Any) -> None:
     fake.tool_calls = 0
     fake.linger_after_last = 3.0  # idle timeout is 1 s
     cuts = gw.metric("agent_egress_stream_cuts_total", provider="fake")
-    with httpx.stream("POST", f"{gw.base_url}/responses", timeout=30,
-                      headers={"authorization": f"Bearer {token}"},
-                      json={"model": "gpt-5.5", "input": "hi", "stream": True}) as r:
+    with _stream(gw, token) as r:
         rid = r.headers["x-egress-request-id"]
         body = b""
         with pytest.raises(httpx.RemoteProtocolError):  # the gateway dropped the upstream
